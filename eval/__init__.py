@@ -1,0 +1,1 @@
+"""Quant-sensitivity evaluation (KL divergence, accuracy, decode speed): see the roadmap in docs/."""

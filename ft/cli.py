@@ -1,0 +1,74 @@
+"""`ft` command line: train, validate, schema.
+
+    ft train recipes/demo.yaml [--resume] [KEY.PATH=VALUE ...]
+    ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
+    ft schema > recipe.schema.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ft.errors import FtError
+from ft.recipe import Recipe
+from ft.recipe_io import load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune Gemma 4 with LoRA and ship GGUF files.")
+err = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides such as train.lr=1e-4.", show_default=False)]
+
+
+def _fail(exc: FtError) -> None:
+    err.print(f"[bold red]ft: error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Train a LoRA as the recipe says and write the run directory."""
+    from ft.train import train as run_training  # heavy imports (torch, transformers) only when training
+
+    try:
+        summary = run_training(load_recipe(recipe, overrides), resume=resume)
+    except FtError as exc:
+        _fail(exc)
+    err.print_json(json.dumps(summary))
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
+    """Check a recipe (schema, paths and every data row) without training."""
+    try:
+        loaded = load_recipe(recipe, overrides)
+        from ft.models import load_processor
+        from ft.validate import load_checked
+
+        processor = load_processor(loaded.model.name, loaded.data.image_soft_tokens)
+        for label, path in (("train", loaded.data.train), ("eval", loaded.data.eval)):
+            if path is not None:
+                load_checked(path, processor, loaded.data.max_seq_length, label)
+    except FtError as exc:
+        _fail(exc)
+    err.print(f"[green]ok[/]: {recipe}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema (for editor completion and validation)."""
+    sys.stdout.write(json.dumps(Recipe.model_json_schema(), indent=2) + "\n")
+
+
+def main() -> None:
+    app()

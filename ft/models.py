@@ -1,0 +1,106 @@
+"""Find and load the model a recipe names: a hub id, a local checkpoint directory, or a tiny random model.
+
+Nothing here reaches the network unless the user's machine is online and not in offline mode
+(`HF_HUB_OFFLINE=1`); a model that is neither local nor cached fails at once with where ft looked.
+
+    >>> model, processor = load_model("tiny-random:gemma4-unified")
+    >>> type(model).__name__
+    'Gemma4UnifiedForConditionalGeneration'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoProcessor, Gemma4UnifiedForConditionalGeneration, ProcessorMixin
+
+from ft.errors import ModelError
+from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny
+
+MODEL_TYPE = "gemma4_unified"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def offline() -> bool:
+    return bool(hub_constants.HF_HUB_OFFLINE)
+
+
+def locate(name: str) -> str:
+    """Return what `from_pretrained` should load: a directory, or a hub id known to be reachable."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ModelError(f"model directory {path} has no config.json: not a Hugging Face checkpoint")
+        model_type = json.loads(config.read_text()).get("model_type")
+        if model_type != MODEL_TYPE:
+            raise ModelError(f"model directory {path} holds a '{model_type}' model; ft trains '{MODEL_TYPE}' (Gemma 4)")
+        return str(path)
+    if not HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise ModelError(f"model directory not found: {path.resolve()}")
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return name
+    if offline():
+        raise ModelError(
+            f"model '{name}' is not a local directory and is not in the Hugging Face cache "
+            f"({hub_constants.HF_HUB_CACHE}); offline mode is on (HF_HUB_OFFLINE=1). Download it on a connected "
+            f"machine (`hf download {name}`) or point model.name at a local checkpoint directory."
+        )
+    return name
+
+
+def load_processor(name: str, image_soft_tokens: int = 280) -> ProcessorMixin:
+    if name.startswith(TINY_PREFIX):
+        _, processor = build_tiny(_tiny_name(name))
+    else:
+        processor = AutoProcessor.from_pretrained(locate(name))
+    processor.image_processor.max_soft_tokens = image_soft_tokens
+    return processor
+
+
+def _tiny_name(name: str) -> str:
+    tiny = name.removeprefix(TINY_PREFIX)
+    if tiny not in TINY_NAMES:
+        raise ModelError(f"unknown tiny model '{name}'; known: {', '.join(TINY_PREFIX + n for n in TINY_NAMES)}")
+    return tiny
+
+
+def load_model(
+    name: str, dtype: str = "auto", device: str = "cpu", image_soft_tokens: int = 280
+) -> tuple[Gemma4UnifiedForConditionalGeneration, ProcessorMixin]:
+    """Load model and processor in the training dtype. Tiny models are built locally from `ft.tiny`."""
+    torch_dtype = resolve_dtype(dtype, device)
+    if name.startswith(TINY_PREFIX):
+        model, processor = build_tiny(_tiny_name(name))
+        model = model.to(torch_dtype)
+    else:
+        where = locate(name)
+        try:
+            processor = AutoProcessor.from_pretrained(where)
+            model = Gemma4UnifiedForConditionalGeneration.from_pretrained(where, dtype=torch_dtype)
+        except OSError as exc:
+            raise ModelError(f"cannot load model '{name}': {exc}") from None
+    processor.image_processor.max_soft_tokens = image_soft_tokens
+    return model.to(device), processor
+
+
+def default_device() -> str:
+    if os.environ.get("FT_DEVICE"):
+        return os.environ["FT_DEVICE"]
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,139 @@
+"""The recipe schema: one pydantic model per YAML section. `ft schema` prints it as JSON Schema.
+
+Every field is documented here and in README.md's recipe reference; unknown keys are errors.
+
+    >>> r = Recipe.model_validate({"model": {"name": "tiny-random:gemma4-unified"},
+    ...                            "data": {"train": "data/demo/train.jsonl"}, "output": {"dir": "runs/x"}})
+    >>> r.lora.r, r.train.lr
+    (16, 0.0002)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IMAGE_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field(
+        min_length=1,
+        description="Hub id (google/gemma-4-12B-it), a local checkpoint directory, or tiny-random:gemma4-unified.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for training; auto is float32 on CPU and bfloat16 on CUDA."
+    )
+
+
+class DataSection(Section):
+    train: Path = Field(description="Training data: a .jsonl file, a .parquet file or a datasets directory.")
+    eval: Path | None = Field(None, description="Held-out data in the same format; evaluated every train.eval_every.")
+    max_seq_length: int = Field(2048, ge=16, le=131072, description="Rows longer than this are reported as errors.")
+    image_soft_tokens: Literal[70, 140, 280, 560, 1120] = Field(
+        280, description="Soft tokens per image (48 px patches); more tokens means more detail and more memory."
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targets: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = Field(
+        default_factory=lambda: list(LANGUAGE_TARGETS),
+        min_length=1,
+        description="Language-model projections that carry the LoRA, in every decoder layer.",
+    )
+    vision: bool = Field(
+        False,
+        description="Also adapt the image projections (embed_vision.patch_dense and "
+        "embed_vision.multimodal_embedder.embedding_projection).",
+    )
+    audio: bool = Field(False, description="Also adapt the audio projection (embed_audio.embedding_projection).")
+
+
+class TrainSection(Section):
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="auto picks unsloth on CUDA and transformers+peft elsewhere."
+    )
+    seed: int = Field(0, ge=0, description="Seeds weights of new LoRA layers, data order and dropout.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(1, ge=1, le=4096, description="Rows per micro-batch.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    log_every: int = Field(10, ge=1, description="Log training loss every N optimizer steps.")
+    eval_every: int = Field(50, ge=1, description="Evaluate on data.eval every N optimizer steps.")
+    save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    memory_budget_gb: float = Field(16.0, gt=0, description="GPU memory the run may use (checked on CUDA).")
+
+
+class LoggingSection(Section):
+    wandb: Literal["auto", "disabled", "offline", "online"] = Field(
+        "auto", description="auto is online when WANDB_API_KEY is set, else offline."
+    )
+    project: str = Field("ft", min_length=1, description="wandb project name.")
+    run_name: str | None = Field(None, description="wandb run name; defaults to the output folder's name.")
+
+
+class OutputSection(Section):
+    dir: Path = Field(description="Run directory: resolved recipe, checkpoints, adapter, metrics, plots.")
+    overwrite: bool = Field(False, description="Start afresh even if the run directory already has a run in it.")
+
+
+class ExportSection(Section):
+    """Filled by `ft quantize` (not part of this release); accepted so recipes can be written ahead."""
+
+    quants: list[str] = Field(default_factory=lambda: ["Q8_0", "Q6_K", "Q4_K_M"], min_length=1)
+
+
+class EvalSection(Section):
+    """Filled by `ft eval` (not part of this release); accepted so recipes can be written ahead."""
+
+    quants: list[str] = Field(default_factory=lambda: ["Q8_0", "Q6_K", "Q4_K_M"], min_length=1)
+
+
+class Recipe(Section):
+    """A whole `ft` recipe. Relative paths are relative to the recipe file's folder."""
+
+    model: ModelSection
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    output: OutputSection
+    export: ExportSection | None = None
+    eval: EvalSection | None = None
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> Recipe:
+        if self.train.max_steps is not None and self.train.warmup_steps >= self.train.max_steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.train.warmup_steps}) must be smaller than train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        return self
+
+    def resolve_paths(self, base: Path) -> Recipe:
+        """Return a copy whose relative paths are anchored at `base` (the recipe file's folder)."""
+        data = self.data.model_copy(
+            update={
+                "train": (base / self.data.train).resolve(),
+                "eval": (base / self.data.eval).resolve() if self.data.eval else None,
+            }
+        )
+        output = self.output.model_copy(update={"dir": (base / self.output.dir).resolve()})
+        return self.model_copy(update={"data": data, "output": output})

@@ -1,0 +1,200 @@
+"""The training recipe: recipe YAML in, run directory out. Read top to bottom, it is the whole training stage.
+
+    ft train recipes/demo.yaml                 # train
+    ft train recipes/demo.yaml --resume        # continue from the last checkpoint after a crash or kill
+    ft train recipes/demo.yaml train.lr=1e-4   # override any recipe key
+
+Run directory (`output.dir`):
+    recipe.yaml       the resolved recipe this run used
+    checkpoints/      resumable Trainer checkpoints (optimizer, scheduler, RNG, data position)
+    adapter/          the final LoRA adapter (peft format)
+    metrics.jsonl     every logged training and held-out loss, one JSON object a line
+    loss.png          the loss curve
+    summary.json      final numbers of the run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+from ft.atomic import remove_stale_temporaries, staged_dir, write_text
+from ft.callbacks import MetricsLog, RichProgress, read_metrics
+from ft.encode import EncodedRows, collate
+from ft.errors import FtError
+from ft.lora import apply_lora, lora_modules
+from ft.models import default_device, load_model
+from ft.plots import loss_curve
+from ft.recipe import Recipe
+from ft.validate import load_checked
+
+console = Console(stderr=True)
+
+
+class AtomicCheckpointTrainer(Trainer):
+    """A Trainer whose checkpoints appear under `checkpoint-N` only when complete.
+
+    transformers writes a checkpoint file by file into its final folder, so a kill mid-save leaves a folder that
+    `--resume` would pick up and fail on. Here each checkpoint is written into a hidden staging folder and renamed.
+    """
+
+    _staging: Path | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        root = Path(self.args.output_dir)
+        self._staging = root / ".staging"
+        shutil.rmtree(self._staging, ignore_errors=True)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            staging, self._staging = self._staging, None
+        name = f"checkpoint-{self.state.global_step}"
+        shutil.rmtree(root / name, ignore_errors=True)
+        os.replace(staging / name, root / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool) -> Path | None:
+    """Create the run directory; return the checkpoint to resume from (None for a fresh start)."""
+    run = recipe.output.dir
+    checkpoints = run / "checkpoints"
+    remove_stale_temporaries(run)
+    shutil.rmtree(checkpoints / ".staging", ignore_errors=True)
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if resume:
+        if last is None:
+            console.print(f"[yellow]no checkpoint in {checkpoints}; starting from step 0")
+            shutil.rmtree(run, ignore_errors=True)
+        return Path(last) if last else None
+    if (run / "recipe.yaml").exists() and not recipe.output.overwrite:
+        raise FtError(
+            f"{run} already holds a run; use --resume to continue it, or set output.overwrite=true "
+            "(or pick another output.dir) to start afresh"
+        )
+    shutil.rmtree(run, ignore_errors=True)
+    return None
+
+
+def wandb_mode(setting: str) -> str:
+    if setting == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return setting
+
+
+def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> TrainingArguments:
+    t, run = recipe.train, recipe.output.dir
+    mode = wandb_mode(recipe.logging.wandb)
+    if mode != "disabled":
+        os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(run), WANDB_PROJECT=recipe.logging.project, WANDB_SILENT="true")
+    return TrainingArguments(
+        output_dir=str(run / "checkpoints"),
+        run_name=recipe.logging.run_name or run.name,
+        report_to=["wandb"] if mode != "disabled" else [],
+        seed=t.seed,
+        data_seed=t.seed,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.schedule,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch",
+        logging_steps=t.log_every,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_every,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=t.keep_checkpoints,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=device == "cuda" and recipe.model.dtype in ("auto", "bfloat16"),
+        use_cpu=device == "cpu",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        log_level="warning",
+    )
+
+
+def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, modules: list[str]) -> dict[str, Any]:
+    evals = [r for r in records if "eval_loss" in r]
+    losses = [r for r in records if "loss" in r]
+    summary: dict[str, Any] = {
+        "model": recipe.model.name,
+        "steps": max((r["step"] for r in records), default=0),
+        "train_loss_last": losses[-1]["loss"] if losses else None,
+        "eval_loss_first": evals[0]["eval_loss"] if evals else None,
+        "eval_loss_last": evals[-1]["eval_loss"] if evals else None,
+        "seconds": round(seconds, 1),
+        "lora_modules": len(modules),
+        "adapter": "adapter",
+    }
+    if evals and evals[0]["eval_loss"]:
+        summary["eval_loss_drop"] = 1.0 - evals[-1]["eval_loss"] / evals[0]["eval_loss"]
+    return summary
+
+
+def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
+    """Run the training stage of a validated recipe and return the run's summary."""
+    started = time.time()
+    device = default_device()
+    if recipe.train.backend == "unsloth":
+        raise FtError("train.backend=unsloth is not available in this release; use hf (or auto)")
+    last_checkpoint = prepare_run_dir(recipe, resume)
+    run = recipe.output.dir
+    run.mkdir(parents=True, exist_ok=True)
+    write_text(run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+    set_seed(recipe.train.seed)
+    model, processor = load_model(recipe.model.name, recipe.model.dtype, device, recipe.data.image_soft_tokens)
+    train_rows = load_checked(recipe.data.train, processor, recipe.data.max_seq_length, "train")
+    eval_rows = load_checked(recipe.data.eval, processor, recipe.data.max_seq_length, "eval") if recipe.data.eval else []
+
+    model = apply_lora(model, recipe.lora)
+    modules = lora_modules(model)
+    metrics = MetricsLog(run / "metrics.jsonl")
+    trainer = AtomicCheckpointTrainer(
+        model=model,
+        args=training_arguments(recipe, device, bool(eval_rows)),
+        train_dataset=EncodedRows(train_rows, processor),
+        eval_dataset=EncodedRows(eval_rows, processor) if eval_rows else None,
+        data_collator=partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+        callbacks=[metrics, RichProgress()],
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its raw dict prints
+    if last_checkpoint is None:
+        if eval_rows:
+            trainer.evaluate()
+    else:
+        metrics.truncate_after(int(last_checkpoint.name.split("-")[-1]))
+        console.print(f"resuming from {last_checkpoint}")
+    trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    if eval_rows and trainer.state.global_step % recipe.train.eval_every != 0:
+        trainer.evaluate()
+
+    with staged_dir(run / "adapter") as tmp:
+        model.save_pretrained(tmp)
+    records = read_metrics(run / "metrics.jsonl")
+    loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
+    summary = summarize(recipe, records, time.time() - started, modules)
+    write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

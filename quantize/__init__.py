@@ -1,0 +1,1 @@
+"""GGUF export (merge, convert, quantize): see the roadmap in docs/."""

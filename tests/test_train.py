@@ -1,0 +1,111 @@
+"""The demo end to end through the CLI: it learns, its run directory is complete, and a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from ft.data import load_rows
+from ft.encode import EncodedRows, collate
+from ft.tiny import build_tiny
+from conftest import DEMO_DATA, ROOT, run_ft
+
+pytestmark = pytest.mark.slow
+DEMO = ROOT / "recipes" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("demo") / "run"
+    result = run_ft("train", str(DEMO), f"output.dir={run}", "logging.wandb=offline")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return run
+
+
+def test_demo_learns(demo_run):
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["eval_loss_last"] <= 0.7 * summary["eval_loss_first"], summary
+
+
+def test_run_directory_is_complete(demo_run):
+    recipe = yaml.safe_load((demo_run / "recipe.yaml").read_text())
+    assert recipe["model"]["name"] == "tiny-random:gemma4-unified"
+    assert Path(recipe["data"]["train"]).is_absolute()
+    adapter = json.loads((demo_run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 16
+    weights = load_file(demo_run / "adapter" / "adapter_model.safetensors")
+    assert any("embed_vision.patch_dense.lora_A" in k for k in weights)
+    assert any("embed_audio.embedding_projection.lora_B" in k for k in weights)
+    records = [json.loads(line) for line in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]
+    assert (demo_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((demo_run / "wandb").glob("offline-run-*")), "wandb offline run not written"
+    assert not list(demo_run.rglob(".*.tmp-*")) and not (demo_run / "checkpoints" / ".staging").exists()
+
+
+def test_saved_adapter_reproduces_the_reported_heldout_loss(demo_run):
+    """Recompute the held-out loss from the adapter on disk, independently of the Trainer that reported it."""
+    summary = json.loads((demo_run / "summary.json").read_text())
+    base, processor = build_tiny()
+    model = PeftModel.from_pretrained(base, demo_run / "adapter").eval()
+    rows = EncodedRows(load_rows(DEMO_DATA / "heldout.jsonl"), processor)
+    batch_size = yaml.safe_load(DEMO.read_text())["train"]["batch_size"]
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))], 0)
+            losses.append((model(**batch).loss.item(), batch["input_ids"].shape[0]))
+    loss = sum(value * n for value, n in losses) / sum(n for _, n in losses)
+    assert loss == pytest.approx(summary["eval_loss_last"], rel=1e-4)
+
+
+def test_killed_run_resumes_to_the_same_result(demo_run, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    args = [sys.executable, "-m", "ft", "train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled"]
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = run / "checkpoints" / "checkpoint-45"
+    deadline = time.time() + 300
+    while not target.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # into the next steps, maybe mid-write of the next log line
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+
+    result = run_ft("train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr
+    resumed = json.loads((run / "summary.json").read_text())
+    uninterrupted = json.loads((demo_run / "summary.json").read_text())
+    for key in ("steps", "train_loss_last", "eval_loss_first", "eval_loss_last"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-4), key
+    for checkpoint in (run / "checkpoints").iterdir():
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        load_file(checkpoint / "adapter_model.safetensors")
+        torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    a = load_file(run / "adapter" / "adapter_model.safetensors")
+    b = load_file(demo_run / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_existing_run_is_not_clobbered(demo_run):
+    result = run_ft("train", str(DEMO), f"output.dir={demo_run}", "output.overwrite=false", "logging.wandb=disabled")
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr

@@ -58,6 +58,33 @@ def write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write (by any writer); on success it is fsynced and renamed to `path`.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> with staged_file(d / "x.bin") as tmp:
+    ...     _ = tmp.write_bytes(b"1")
+    >>> (d / "x.bin").read_bytes()
+    b'1'
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
 def staged_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `path` (old contents removed), on error it is deleted.
 

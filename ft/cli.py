@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ft.errors import FtError
 from ft.recipe import Recipe
@@ -27,7 +28,8 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides su
 
 
 def _fail(exc: FtError) -> None:
-    err.print(f"[bold red]ft: error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    # The message quotes user input (paths, values), so it must never be parsed as Rich markup.
+    err.print(Text.assemble(("ft: error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -48,17 +50,30 @@ def train(
 
 
 @app.command()
+def quantize(
+    target: Annotated[Path, typer.Argument(help="A run directory, or the recipe that trained it.", show_default=False)],
+) -> None:
+    """Merge the run's LoRA and write GGUF files, projector, drafter, Modelfile and manifest."""
+    from quantize.pipeline import export_run
+
+    try:
+        folder = export_run(target)
+    except FtError as exc:
+        _fail(exc)
+    err.print(f"[green]ok[/]: {folder}")
+
+
+@app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check a recipe (schema, paths and every data row) without training."""
     try:
         loaded = load_recipe(recipe, overrides)
         from ft.models import load_processor
-        from ft.validate import load_checked
+        from ft.train import load_data
 
-        processor = load_processor(loaded.model.name, loaded.data.image_soft_tokens)
-        for label, path in (("train", loaded.data.train), ("eval", loaded.data.eval)):
-            if path is not None:
-                load_checked(path, processor, loaded.data.max_seq_length, label)
+        with loaded.blame("model.name"):
+            processor = load_processor(loaded.model.name, loaded.data.image_soft_tokens)
+        load_data(loaded, processor)
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {recipe}")

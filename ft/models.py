@@ -47,7 +47,10 @@ def locate(name: str) -> str:
         config = path / "config.json"
         if not config.is_file():
             raise ModelError(f"model directory {path} has no config.json: not a Hugging Face checkpoint")
-        model_type = json.loads(config.read_text()).get("model_type")
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelError(f"{config}: cannot read it as a JSON object ({exc})") from None
         if model_type != MODEL_TYPE:
             raise ModelError(f"model directory {path} holds a '{model_type}' model; ft trains '{MODEL_TYPE}' (Gemma 4)")
         return str(path)
@@ -69,7 +72,10 @@ def load_processor(name: str, image_soft_tokens: int = 280) -> ProcessorMixin:
     if name.startswith(TINY_PREFIX):
         _, processor = build_tiny(_tiny_name(name))
     else:
-        processor = AutoProcessor.from_pretrained(locate(name))
+        try:
+            processor = AutoProcessor.from_pretrained(locate(name))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the processor of model '{name}': {exc}") from None
     processor.image_processor.max_soft_tokens = image_soft_tokens
     return processor
 
@@ -94,7 +100,7 @@ def load_model(
         try:
             processor = AutoProcessor.from_pretrained(where)
             model = Gemma4UnifiedForConditionalGeneration.from_pretrained(where, dtype=torch_dtype)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load model '{name}': {exc}") from None
     processor.image_processor.max_soft_tokens = image_soft_tokens
     return model.to(device), processor

@@ -10,13 +10,18 @@ Every field is documented here and in README.md's recipe reference; unknown keys
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+
+from ft.errors import FtError
 
 LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMAGE_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+DEFAULT_QUANTS = ("Q8_0", "Q6_K", "Q4_K_M")
 
 
 class Section(BaseModel):
@@ -80,6 +85,14 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     memory_budget_gb: float = Field(16.0, gt=0, description="GPU memory the run may use (checked on CUDA).")
 
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_fits(cls, value: int, info: ValidationInfo) -> int:
+        max_steps = info.data.get("max_steps")
+        if max_steps is not None and value >= max_steps:
+            raise ValueError(f"must be smaller than train.max_steps ({max_steps})")
+        return value
+
 
 class LoggingSection(Section):
     wandb: Literal["auto", "disabled", "offline", "online"] = Field(
@@ -95,15 +108,32 @@ class OutputSection(Section):
 
 
 class ExportSection(Section):
-    """Filled by `ft quantize` (not part of this release); accepted so recipes can be written ahead."""
+    """What `ft quantize` writes: GGUF files for llama.cpp and Ollama (merged model, projector, drafter, quants)."""
 
-    quants: list[str] = Field(default_factory=lambda: ["Q8_0", "Q6_K", "Q4_K_M"], min_length=1)
+    quants: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_QUANTS), min_length=1,
+        description="llama.cpp quantization types to write, e.g. Q8_0 Q6_K Q4_K_M Q3_K_M IQ3_XXS Q2_K IQ2_XXS.",
+    )
+    reference: Literal["F32", "F16", "BF16"] = Field(
+        "BF16", description="Type of the unquantized GGUF that every quant is made from (and eval compares with)."
+    )
+    projector: bool = Field(True, description="Write the multimodal projector GGUF (images and audio).")
+    drafter: Path | None = Field(None, description="A gemma4_unified_assistant checkpoint to export as MTP drafter.")
+    imatrix: Literal["auto", "on", "off"] = Field(
+        "auto", description="Importance matrix: auto computes it when a listed type needs one (IQ2_*, IQ3_XXS, ...)."
+    )
+    calibration: Path | None = Field(None, description="Calibration data for the importance matrix (default data.train).")
+    calibration_rows: int = Field(128, ge=1, description="Rows of calibration data used for the importance matrix.")
+    tensor_types: dict[str, str] = Field(
+        default_factory=dict, description="Per-tensor type overrides, GGUF tensor name (regex) -> type, e.g. token_embd.weight: Q8_0."
+    )
+    dir: Path | None = Field(None, description="Export folder (default: output.dir/gguf).")
 
 
 class EvalSection(Section):
     """Filled by `ft eval` (not part of this release); accepted so recipes can be written ahead."""
 
-    quants: list[str] = Field(default_factory=lambda: ["Q8_0", "Q6_K", "Q4_K_M"], min_length=1)
+    quants: list[str] = Field(default_factory=lambda: list(DEFAULT_QUANTS), min_length=1)
 
 
 class Recipe(Section):
@@ -118,14 +148,19 @@ class Recipe(Section):
     export: ExportSection | None = None
     eval: EvalSection | None = None
 
-    @model_validator(mode="after")
-    def _steps_fit(self) -> Recipe:
-        if self.train.max_steps is not None and self.train.warmup_steps >= self.train.max_steps:
-            raise ValueError(
-                f"train.warmup_steps ({self.train.warmup_steps}) must be smaller than train.max_steps "
-                f"({self.train.max_steps})"
-            )
-        return self
+    _where: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        """`file:line: key` (or `override '...': key`) of a recipe key, for errors found after validation."""
+        return f"{self._where[key]}: {key}" if key in self._where else key
+
+    @contextmanager
+    def blame(self, key: str) -> Iterator[None]:
+        """Prefix any FtError raised inside with the place of `key` in the recipe."""
+        try:
+            yield
+        except FtError as exc:
+            raise type(exc)(f"{self.where(key)}: {exc}") from None
 
     def resolve_paths(self, base: Path) -> Recipe:
         """Return a copy whose relative paths are anchored at `base` (the recipe file's folder)."""
@@ -136,4 +171,14 @@ class Recipe(Section):
             }
         )
         output = self.output.model_copy(update={"dir": (base / self.output.dir).resolve()})
-        return self.model_copy(update={"data": data, "output": output})
+        update = {"data": data, "output": output}
+        local = base / self.model.name
+        if self.model.name.startswith(("./", "../")) or local.is_dir():
+            update["model"] = self.model.model_copy(update={"name": str(local.resolve())})
+        if self.export is not None:
+            update["export"] = self.export.model_copy(update={
+                key: (base / value).resolve()
+                for key in ("drafter", "calibration", "dir")
+                if (value := getattr(self.export, key)) is not None
+            })
+        return self.model_copy(update=update)

@@ -83,7 +83,7 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[Loc, int], ove
     out = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        by_override = [o for path, o in overridden.items() if path[: len(loc)] == loc or loc[: len(path)] == path]
+        by_override = [o for path, o in overridden.items() if loc and (path[: len(loc)] == loc or loc[: len(path)] == path)]
         while loc and loc not in lines:
             loc = loc[:-1]
         where = by_override[0] if by_override else f"{source}:{lines.get(loc, 1)}"
@@ -115,7 +115,10 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
     """Parse a recipe file into a dict plus a key-path -> line index; YAML syntax errors name the line."""
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
     try:
         node = yaml.compose(text)
         doc = yaml.safe_load(text)
@@ -139,13 +142,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         recipe = Recipe.model_validate(doc)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, str(path), lines, overridden)) from None
-    return recipe.resolve_paths(path.resolve().parent)
-
-
-def recipe_line(path: Path, loc: Loc) -> str:
-    """`file:line` of a key in a recipe, for errors found after validation (a missing data file, say)."""
-    try:
-        _, lines = read_yaml(path)
-    except RecipeError:
-        return str(path)
-    return f"{path}:{lines.get(loc, 1)}"
+    recipe = recipe.resolve_paths(path.resolve().parent)
+    recipe._where = {".".join(map(str, loc)): f"{path}:{line}" for loc, line in lines.items() if loc}
+    recipe._where.update({".".join(map(str, loc)): where for loc, where in overridden.items()})
+    return recipe

@@ -31,13 +31,14 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
 from ft.callbacks import MetricsLog, RichProgress, read_metrics
+from ft.data import Row, load_rows
 from ft.encode import EncodedRows, collate
 from ft.errors import FtError
 from ft.lora import apply_lora, lora_modules
 from ft.models import default_device, load_model
 from ft.plots import loss_curve
 from ft.recipe import Recipe
-from ft.validate import load_checked
+from ft.validate import check_rows
 
 console = Console(stderr=True)
 
@@ -69,25 +70,48 @@ class AtomicCheckpointTrainer(Trainer):
         rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool) -> Path | None:
-    """Create the run directory; return the checkpoint to resume from (None for a fresh start)."""
+def checkpoint_to_resume(recipe: Recipe, resume: bool) -> Path | None:
+    """The checkpoint a run continues from (None: a fresh start); refuses to clobber a run by accident."""
     run = recipe.output.dir
     checkpoints = run / "checkpoints"
-    remove_stale_temporaries(run)
-    shutil.rmtree(checkpoints / ".staging", ignore_errors=True)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
         if last is None:
             console.print(f"[yellow]no checkpoint in {checkpoints}; starting from step 0")
-            shutil.rmtree(run, ignore_errors=True)
         return Path(last) if last else None
     if (run / "recipe.yaml").exists() and not recipe.output.overwrite:
         raise FtError(
-            f"{run} already holds a run; use --resume to continue it, or set output.overwrite=true "
-            "(or pick another output.dir) to start afresh"
+            f"{recipe.where('output.dir')}: {run} already holds a run; use --resume to continue it, or set "
+            "output.overwrite=true (or pick another output.dir) to start afresh"
         )
-    shutil.rmtree(run, ignore_errors=True)
     return None
+
+
+def prepare_run_dir(recipe: Recipe, resume_from: Path | None) -> Path:
+    """Create (or, for a fresh start, empty) the run directory and record the resolved recipe in it."""
+    run = recipe.output.dir
+    if resume_from is None:
+        shutil.rmtree(run, ignore_errors=True)
+    remove_stale_temporaries(run)
+    shutil.rmtree(run / "checkpoints" / ".staging", ignore_errors=True)
+    run.mkdir(parents=True, exist_ok=True)
+    write_text(run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return run
+
+
+def load_data(recipe: Recipe, processor: Any) -> tuple[list[Row], list[Row]]:
+    """Train and eval rows, every one checked; errors about the files themselves name the recipe key."""
+    loaded = []
+    for key in ("data.train", "data.eval"):
+        path = getattr(recipe.data, key.split(".")[1])
+        if path is None:
+            loaded.append([])
+            continue
+        with recipe.blame(key):
+            rows = load_rows(path)
+        check_rows(rows, processor, recipe.data.max_seq_length, key.split(".")[1])
+        loaded.append(rows)
+    return loaded[0], loaded[1]
 
 
 def wandb_mode(setting: str) -> str:
@@ -158,16 +182,13 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     started = time.time()
     device = default_device()
     if recipe.train.backend == "unsloth":
-        raise FtError("train.backend=unsloth is not available in this release; use hf (or auto)")
-    last_checkpoint = prepare_run_dir(recipe, resume)
-    run = recipe.output.dir
-    run.mkdir(parents=True, exist_ok=True)
-    write_text(run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-
+        raise FtError(f"{recipe.where('train.backend')}: unsloth is not available in this release; use hf (or auto)")
+    last_checkpoint = checkpoint_to_resume(recipe, resume)
     set_seed(recipe.train.seed)
-    model, processor = load_model(recipe.model.name, recipe.model.dtype, device, recipe.data.image_soft_tokens)
-    train_rows = load_checked(recipe.data.train, processor, recipe.data.max_seq_length, "train")
-    eval_rows = load_checked(recipe.data.eval, processor, recipe.data.max_seq_length, "eval") if recipe.data.eval else []
+    with recipe.blame("model.name"):
+        model, processor = load_model(recipe.model.name, recipe.model.dtype, device, recipe.data.image_soft_tokens)
+    train_rows, eval_rows = load_data(recipe, processor)
+    run = prepare_run_dir(recipe, last_checkpoint)
 
     model = apply_lora(model, recipe.lora)
     modules = lora_modules(model)
@@ -191,10 +212,15 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     if eval_rows and trainer.state.global_step % recipe.train.eval_every != 0:
         trainer.evaluate()
 
+    model.peft_config["default"].base_model_name_or_path = recipe.model.name
     with staged_dir(run / "adapter") as tmp:
         model.save_pretrained(tmp)
     records = read_metrics(run / "metrics.jsonl")
     loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
     summary = summarize(recipe, records, time.time() - started, modules)
     write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if recipe.export is not None:
+        from quantize.pipeline import export_run
+
+        export_run(run)
     return summary

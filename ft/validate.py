@@ -5,13 +5,11 @@ All problems of all rows are collected and raised as one error, so a user fixes 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.progress import track
 from transformers import ProcessorMixin
 
-from ft.data import Row, load_rows, raise_if_problems
+from ft.data import Row, raise_if_problems
 from ft.encode import length_of
 
 console = Console(stderr=True)
@@ -35,10 +33,3 @@ def check_rows(rows: list[Row], processor: ProcessorMixin, max_seq_length: int, 
         lengths.append(n)
     raise_if_problems(rows)
     return lengths
-
-
-def load_checked(path: Path, processor: ProcessorMixin, max_seq_length: int, label: str) -> list[Row]:
-    """Load a data file and check all of it."""
-    rows = load_rows(path)
-    check_rows(rows, processor, max_seq_length, label)
-    return rows

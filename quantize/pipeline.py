@@ -1,0 +1,196 @@
+"""The export recipe: a training run directory in, a folder of GGUF files for llama.cpp and Ollama out.
+
+    ft quantize runs/demo                 # a run directory (its recipe.yaml and adapter/)
+    ft quantize recipes/demo.yaml         # the same, found through the recipe's output.dir
+
+Steps, each skipped on a rerun when manifest.json says its output is current:
+    1. merge the LoRA into the 16-bit base, shard by shard        -> gguf/merged/
+    2. convert the merged model to the reference GGUF (BF16)       -> gguf/NAME-BF16.gguf
+    3. convert the image/audio projector                           -> gguf/NAME-mmproj-F16.gguf
+    4. convert the MTP drafter, when export.drafter names one       -> gguf/NAME-drafter-BF16.gguf
+    5. importance matrix from calibration data, when a type needs it -> gguf/NAME-imatrix.gguf
+    6. llama.cpp quantization for every export.quants type          -> gguf/NAME-Q4_K_M.gguf ...
+    7. Ollama Modelfile, README.md and manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ft.atomic import remove_stale_temporaries, staged_dir, write_text
+from ft.encode import collate, encode_row
+from ft.errors import FtError
+from ft.recipe import ExportSection, Recipe
+from ft.recipe_io import load_recipe
+from quantize.manifest import Manifest, fingerprint, sha256
+from quantize.merge import merge_lora
+
+console = Console(stderr=True)
+FIRST_CHOICE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the quant the Modelfile points at, if exported
+
+
+def resolve_run(target: Path) -> tuple[Path, Recipe]:
+    """A run directory, or a recipe whose output.dir is one; the run must hold a finished adapter."""
+    if target.is_file():
+        recipe = load_recipe(target)
+        run = recipe.output.dir
+    else:
+        run = target
+        if not (run / "recipe.yaml").is_file():
+            raise FtError(f"{run}: not a run directory (no recipe.yaml); pass a run directory or a recipe file")
+        recipe = load_recipe(run / "recipe.yaml")
+    if not (run / "adapter" / "adapter_model.safetensors").is_file():
+        raise FtError(f"{run}: no trained adapter (adapter/adapter_model.safetensors); run `ft train` first")
+    return run, recipe
+
+
+def base_checkpoint(name: str, cache: Path) -> Path:
+    """A directory holding the base model's 16-bit checkpoint (tiny models are written once into `cache`)."""
+    from ft.models import locate
+    from ft.tiny import TINY_PREFIX, save_tiny
+
+    if name.startswith(TINY_PREFIX):
+        if not (cache / "config.json").is_file():
+            with staged_dir(cache) as tmp:
+                save_tiny(tmp, name.removeprefix(TINY_PREFIX))
+        return cache
+    where = locate(name)
+    if Path(where).is_dir():
+        return Path(where)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(where, local_files_only=True))
+
+
+def calibration_batches(merged: Path, path: Path, rows: int, image_soft_tokens: int, batch_size: int = 4):
+    """Batches of calibration rows encoded exactly as training encodes them."""
+    from ft.data import load_rows
+    from ft.models import load_processor
+
+    processor = load_processor(str(merged), image_soft_tokens)
+    usable = [r for r in load_rows(path) if not r.problems][:rows]
+    for start in range(0, len(usable), batch_size):
+        features = [encode_row(r, processor) for r in usable[start : start + batch_size]]
+        yield collate(features, processor.tokenizer.pad_token_id)
+
+
+class Export:
+    """One export folder and its manifest; `make` runs a step unless its output is current."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.name = name
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        self.manifest = Manifest(folder / "manifest.json")
+
+    def path(self, suffix: str) -> Path:
+        return self.folder / f"{self.name}-{suffix}.gguf"
+
+    def make(self, path: Path, kind: str, inputs: str, build: Callable[[Path], object], **extra: str) -> Path:
+        if self.manifest.is_current(path, inputs):
+            console.print(f"[dim]up to date: {path.name}")
+            return path
+        console.print(f"writing {path.name}")
+        build(path)
+        self.manifest.record(path, kind=kind, inputs=inputs, **extra)
+        return path
+
+
+def merged_checkpoint(run: Path, recipe: Recipe, folder: Path) -> tuple[Path, str]:
+    """Merge (or reuse) the 16-bit merged checkpoint; returns it and a fingerprint of what it was made from."""
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    inputs = fingerprint("merge", recipe.model.name, sha256(adapter))
+    merged = folder / "merged"
+    stamp = merged / "ft_merge.json"
+    if stamp.is_file() and json.loads(stamp.read_text())["inputs"] == inputs:
+        return merged, inputs
+    base = base_checkpoint(recipe.model.name, run / "base")
+    console.print("merging the LoRA into the base model")
+    merge_lora(base, run / "adapter", merged)
+    write_text(stamp, json.dumps({"inputs": inputs, "base": recipe.model.name}) + "\n")
+    return merged, inputs
+
+
+def needs_imatrix(export: ExportSection) -> bool:
+    from quantize.llama_quant import NEEDS_IMATRIX
+
+    if export.imatrix == "on":
+        return True
+    if export.imatrix == "off":
+        return False
+    return any(q in NEEDS_IMATRIX for q in export.quants)
+
+
+def importance_matrix(job: Export, merged: Path, merged_inputs: str, recipe: Recipe, export: ExportSection) -> Path:
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    from quantize.imatrix import collect_imatrix, write_imatrix_gguf
+
+    data = export.calibration or recipe.data.train
+    inputs = fingerprint("imatrix", merged_inputs, sha256(data) if data.is_file() else str(data), export.calibration_rows)
+
+    def build(path: Path) -> None:
+        model = Gemma4UnifiedForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
+        batches = list(calibration_batches(merged, data, export.calibration_rows, recipe.data.image_soft_tokens))
+        stats = collect_imatrix(model, batches)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        write_imatrix_gguf(stats, path, datasets=[str(data)], chunk_count=len(batches), chunk_size=tokens)
+
+    return job.make(job.folder / f"{job.name}-imatrix.gguf", "importance matrix", inputs, build)
+
+
+def export_run(target: Path) -> Path:
+    """Run every export step for a training run; returns the export folder."""
+    from quantize.gguf_drafter import write_drafter
+    from quantize.gguf_lm import write_language_model
+    from quantize.gguf_mmproj import write_projector
+    from quantize.imatrix import normalized, read_imatrix_gguf
+    from quantize.llama_quant import quantize
+    from quantize.modelfile import export_readme, modelfile, sampling_defaults
+
+    run, recipe = resolve_run(target)
+    export = recipe.export or ExportSection()
+    job = Export(export.dir or run / "gguf", run.name)
+    merged, merged_inputs = merged_checkpoint(run, recipe, job.folder)
+
+    ref_type = export.reference
+    reference = job.make(job.path(ref_type), "language model", fingerprint("lm", ref_type, merged_inputs),
+                         lambda p: write_language_model(merged, p, ref_type), type=ref_type)
+    projector = None
+    if export.projector:
+        projector = job.make(job.path("mmproj-F16"), "projector", fingerprint("mmproj", merged_inputs),
+                             lambda p: write_projector(merged, p, "F16"), type="F16")
+    drafter = None
+    if export.drafter is not None:
+        drafter_inputs = fingerprint("drafter", ref_type, str(export.drafter), merged_inputs)
+        drafter = job.make(job.path(f"drafter-{ref_type}"), "MTP drafter", drafter_inputs,
+                           lambda p: write_drafter(export.drafter, merged, p, ref_type), type=ref_type)
+    imatrix = None
+    if needs_imatrix(export):
+        imatrix = importance_matrix(job, merged, merged_inputs, recipe, export)
+
+    reference_sha = job.manifest.entry(reference.name)["sha256"]
+    imatrix_sha = job.manifest.entry(imatrix.name)["sha256"] if imatrix else None
+    values = normalized(read_imatrix_gguf(imatrix)) if imatrix else None
+    quants = {}
+    for qtype in export.quants:
+        inputs = fingerprint("quant", qtype, reference_sha, imatrix_sha, export.tensor_types)
+        quants[qtype] = job.make(
+            job.path(qtype), "quantized language model", inputs,
+            lambda p, q=qtype: quantize(reference, p, q, imatrix=values, tensor_types=export.tensor_types or None),
+            type=qtype,
+        )
+
+    chosen = next((quants[q] for q in FIRST_CHOICE if q in quants), next(iter(quants.values())))
+    names = (chosen.name, projector.name if projector else None, drafter.name if drafter else None)
+    write_text(job.folder / "Modelfile", modelfile(*names, sampling_defaults(merged)))
+    files = sorted(job.manifest.files.values(), key=lambda f: f["file"])
+    write_text(job.folder / "README.md", export_readme(run.name, *names, files))
+    console.print(f"[green]export written to {job.folder}")
+    return job.folder

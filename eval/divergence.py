@@ -71,7 +71,8 @@ class Divergence:
         for start in range(0, len(targets), ROW_BLOCK):
             rows = slice(start, start + ROW_BLOCK)
             ref = ref_logprobs[rows].astype(np.float64)
-            q = log_softmax(logits[rows])
+            # Rounded through float32 like the stored reference, so a model compared with itself gives exactly 0.
+            q = log_softmax(logits[rows]).astype(np.float32).astype(np.float64)
             y = targets[rows]
             at = np.arange(len(y))
             self.kld.append((np.exp(ref) * (ref - q)).sum(axis=-1))

@@ -53,7 +53,10 @@ class _Model:
         check_gguf(path)
         _quiet()
         L.llama_backend_init()
-        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        model_params = L.llama_model_default_params()
+        model_params.n_gpu_layers = 999  # all layers on the GPU when llama.cpp was built with one; ignored on CPU
+        model_params.use_extra_bufts = False  # see eval.runner.plain_cpu_kernels
+        self.model = L.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise EvalError(f"{path}: llama.cpp cannot load it")
         params = L.llama_context_default_params()

@@ -6,6 +6,7 @@ A file that llama.cpp cannot load is reported as an `EvalError` naming it, not a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,30 @@ def check_gguf(path: Path) -> None:
         raise EvalError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})") from None
 
 
+@contextlib.contextmanager
+def plain_cpu_kernels() -> Iterator[None]:
+    """Load models without llama.cpp's extra CPU buffer types (weight repacking, AMX).
+
+    The AMX kernels of llama-cpp-python's CPU build crash the process in llama_decode on quantized weights on the
+    KVM guests ft is tested on; the plain kernels are correct everywhere, and GPU offload is unaffected.
+    `llama_cpp.Llama` has no parameter for this, so its default-params factory is wrapped while it loads.
+    """
+    import llama_cpp
+
+    original = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers() -> llama_cpp.llama_model_params:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = original
+
+
 def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None):
     """A llama.cpp model with a context of n_ctx tokens (all positions' logits kept when logits_all)."""
     import llama_cpp
@@ -54,9 +79,10 @@ def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None =
     check_gguf(path)
     _quiet()
     try:
-        return llama_cpp.Llama(
+        with plain_cpu_kernels():
+            return llama_cpp.Llama(
             model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=logits_all,
-            n_threads=threads or os.cpu_count(), seed=0, verbose=False,
+            n_threads=threads or os.cpu_count(), n_gpu_layers=-1, seed=0, verbose=False,
         )
     except (ValueError, RuntimeError) as exc:
         raise EvalError(f"{path}: llama.cpp cannot load it ({exc})") from None

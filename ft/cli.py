@@ -63,6 +63,20 @@ def quantize(
     err.print(f"[green]ok[/]: {folder}")
 
 
+@app.command(name="eval")
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run directory, or the recipe that trained it.", show_default=False)],
+) -> None:
+    """Measure each quant against the reference GGUF (KLD, top-1, accuracy) and decode speed with MTP on/off."""
+    from eval.pipeline import evaluate_run
+
+    try:
+        folder = evaluate_run(target)
+    except FtError as exc:
+        _fail(exc)
+    err.print(f"[green]ok[/]: {folder / 'report.md'}")
+
+
 @app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check a recipe (schema, paths and every data row) without training."""

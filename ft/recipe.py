@@ -21,6 +21,7 @@ from ft.errors import FtError
 
 LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMAGE_SOFT_TOKENS = (70, 140, 280, 560, 1120)
+TINY_PREFIX = "tiny-random:"
 DEFAULT_QUANTS = ("Q8_0", "Q6_K", "Q4_K_M")
 
 
@@ -118,7 +119,10 @@ class ExportSection(Section):
         "BF16", description="Type of the unquantized GGUF that every quant is made from (and eval compares with)."
     )
     projector: bool = Field(True, description="Write the multimodal projector GGUF (images and audio).")
-    drafter: Path | None = Field(None, description="A gemma4_unified_assistant checkpoint to export as MTP drafter.")
+    drafter: str | None = Field(
+        None, description="MTP drafter to export: a gemma4_unified_assistant checkpoint directory, or "
+        "tiny-random:gemma4-unified-assistant (the tiny drafter of the tiny model).",
+    )
     imatrix: Literal["auto", "on", "off"] = Field(
         "auto", description="Importance matrix: auto computes it when a listed type needs one (IQ2_*, IQ3_XXS, ...)."
     )
@@ -131,9 +135,28 @@ class ExportSection(Section):
 
 
 class EvalSection(Section):
-    """Filled by `ft eval` (not part of this release); accepted so recipes can be written ahead."""
+    """What `ft eval` measures: each quant against the unquantized reference GGUF, with llama.cpp as the judge."""
 
-    quants: list[str] = Field(default_factory=lambda: list(DEFAULT_QUANTS), min_length=1)
+    quants: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_QUANTS), min_length=1,
+        description="Quant types to measure; files missing from the export are made first.",
+    )
+    text: Path | None = Field(None, description="Evaluation text file (default: held-out rows, chat-rendered).")
+    context: int = Field(512, ge=32, le=32768, description="Tokens per scored chunk (its second half is scored).")
+    max_tokens: int = Field(8192, ge=64, description="Tokens of evaluation text used for the divergence metrics.")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["basic_arithmetic", "chain_sum"],
+        description="reasoning-gym task generators for the accuracy test.",
+    )
+    samples: int = Field(50, ge=0, description="Prompts per reasoning task (0 skips reasoning tasks).")
+    heldout: bool = Field(True, description="Also score the held-out set (its last assistant turn is the answer).")
+    max_new_tokens: int = Field(48, ge=1, description="Greedy tokens per answer.")
+    speed: bool = Field(True, description="Measure decode speed with the MTP drafter on and off.")
+    speed_prompts: int = Field(20, ge=1, description="Prompts for the speed and MTP identity test.")
+    speed_tokens: int = Field(64, ge=1, description="Tokens decoded per speed prompt.")
+    draft_len: int = Field(3, ge=1, le=16, description="Tokens the MTP drafter proposes per step.")
+    seed: int = Field(0, ge=0, description="Seed of the generated reasoning tasks.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all).")
 
 
 class Recipe(Section):
@@ -176,9 +199,12 @@ class Recipe(Section):
         if self.model.name.startswith(("./", "../")) or local.is_dir():
             update["model"] = self.model.model_copy(update={"name": str(local.resolve())})
         if self.export is not None:
-            update["export"] = self.export.model_copy(update={
-                key: (base / value).resolve()
-                for key in ("drafter", "calibration", "dir")
-                if (value := getattr(self.export, key)) is not None
-            })
+            paths = {key: (base / value).resolve() for key in ("calibration", "dir")
+                     if (value := getattr(self.export, key)) is not None}
+            drafter = self.export.drafter
+            if drafter is not None and not drafter.startswith(TINY_PREFIX):
+                paths["drafter"] = str((base / drafter).resolve())
+            update["export"] = self.export.model_copy(update=paths)
+        if self.eval is not None and self.eval.text is not None:
+            update["eval"] = self.eval.model_copy(update={"text": (base / self.eval.text).resolve()})
         return self.model_copy(update=update)

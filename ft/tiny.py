@@ -61,8 +61,11 @@ Bonjour, comment allez-vous ? Guten Tag, wie geht es Ihnen? ¿Dónde está la bi
 """
 
 
-def tiny_tokenizer() -> GemmaTokenizer:
-    """A Gemma-style BPE tokenizer (byte fallback, spaces as '▁') with Gemma 4's control tokens."""
+def tiny_tokenizer(vocab_size: int = VOCAB_SIZE) -> GemmaTokenizer:
+    """A Gemma-style BPE tokenizer (byte fallback, spaces as '▁') with Gemma 4's control tokens.
+
+    `vocab_size` pads the vocabulary with `<unusedN>` tokens; benchmarks use 262144, the real Gemma 4 size.
+    """
     specials = [*BASE_TOKENS, *CONTROL_TOKENS, *BYTE_TOKENS]
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     bpe.normalizer = normalizers.Replace(" ", "▁")
@@ -71,8 +74,8 @@ def tiny_tokenizer() -> GemmaTokenizer:
     bpe.train_from_iterator(_CORPUS.strip().splitlines() * 4, trainer=trainer)
     vocab = bpe.get_vocab()
     merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
-    # Pad the vocabulary to exactly VOCAB_SIZE so the embedding rows stay a round number.
-    for i in range(len(vocab), VOCAB_SIZE):
+    # Pad the vocabulary to exactly vocab_size so the embedding rows stay a round number.
+    for i in range(len(vocab), vocab_size):
         vocab[f"<unused{i}>"] = i
     tokenizer = GemmaTokenizer(
         vocab=vocab,
@@ -137,6 +140,20 @@ def tiny_processor() -> Gemma4UnifiedProcessor:
     )
 
 
+def temper_attention(model: Gemma4UnifiedForConditionalGeneration) -> None:
+    """Give the random model the usual 1/sqrt(head_dim) attention temperature.
+
+    Gemma 4 attends with scale 1 and leaves the temperature to its trained q/k norms. At their initial value 1 a
+    random model's attention logits have a standard deviation of sqrt(head_dim) (11 to 16): so chaotic that rounding
+    its weights to F16 moves its logits by up to 19%, and no numerical comparison (transformers against llama.cpp,
+    16-bit against quantized) would measure anything but that noise.
+    """
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            weight = layer.self_attn.q_norm.weight
+            weight.fill_(weight.numel() ** -0.5)
+
+
 def build_tiny(name: str = "gemma4-unified", seed: int = 0) -> tuple[Gemma4UnifiedForConditionalGeneration, Gemma4UnifiedProcessor]:
     """Build the tiny model and its processor; the same seed gives bit-identical weights."""
     if name not in TINY_NAMES:
@@ -146,6 +163,7 @@ def build_tiny(name: str = "gemma4-unified", seed: int = 0) -> tuple[Gemma4Unifi
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Gemma4UnifiedForConditionalGeneration(config)
+    temper_attention(model)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model.eval(), processor

@@ -214,7 +214,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
 
     model.peft_config["default"].base_model_name_or_path = recipe.model.name
     with staged_dir(run / "adapter") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # embeddings are never trained here
     records = read_metrics(run / "metrics.jsonl")
     loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
     summary = summarize(recipe, records, time.time() - started, modules)
@@ -223,4 +223,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         from quantize.pipeline import export_run
 
         export_run(run)
+    if recipe.eval is not None:
+        from eval.pipeline import evaluate_run
+
+        evaluate_run(run)
     return summary

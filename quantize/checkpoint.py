@@ -75,6 +75,12 @@ class Checkpoint:
         with safe_open(shard, framework="pt") as f:
             return f.get_tensor(key)
 
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape from the file header, without reading its data."""
+        shard, key = self._where[name]
+        with safe_open(shard, framework="pt") as f:
+            return list(f.get_slice(key).get_shape())
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:
             yield name, self.get(name)

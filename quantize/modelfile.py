@@ -1,7 +1,6 @@
 """The Ollama Modelfile and the README.md that sit beside an export's GGUF files.
 
-Ollama templates are Go templates, not Jinja, so the Gemma 4 turn format is written here again in Go's syntax;
-`tests/test_quantize_pipeline.py` renders a conversation through both and compares them.
+Ollama templates are Go templates, not Jinja, so the Gemma 4 turn format is written here again in Go's syntax.
 
     >>> text = modelfile("m-Q4_K_M.gguf", "m-mmproj-F16.gguf", None, {"temperature": 1.0})
     >>> text.splitlines()[1]

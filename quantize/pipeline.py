@@ -67,6 +67,24 @@ def base_checkpoint(name: str, cache: Path) -> Path:
     return Path(snapshot_download(where, local_files_only=True))
 
 
+def drafter_checkpoint(name: str, cache: Path) -> Path:
+    """The drafter's checkpoint directory (the tiny drafter is written once into `cache`)."""
+    from ft.tiny import TINY_PREFIX
+    from ft.tiny_drafter import TINY_DRAFTER, save_tiny_drafter
+
+    if not name.startswith(TINY_PREFIX):
+        path = Path(name)
+        if not (path / "config.json").is_file():
+            raise FtError(f"export.drafter: {path} is not a checkpoint directory (no config.json)")
+        return path
+    if name != TINY_DRAFTER:
+        raise FtError(f"export.drafter: unknown tiny drafter '{name}' (known: {TINY_DRAFTER})")
+    if not (cache / "config.json").is_file():
+        with staged_dir(cache) as tmp:
+            save_tiny_drafter(tmp)
+    return cache
+
+
 def calibration_batches(merged: Path, path: Path, rows: int, image_soft_tokens: int, batch_size: int = 4):
     """Batches of calibration rows encoded exactly as training encodes them."""
     from ft.data import load_rows
@@ -117,14 +135,14 @@ def merged_checkpoint(run: Path, recipe: Recipe, folder: Path) -> tuple[Path, st
     return merged, inputs
 
 
-def needs_imatrix(export: ExportSection) -> bool:
+def needs_imatrix(export: ExportSection, quants: list[str]) -> bool:
     from quantize.llama_quant import NEEDS_IMATRIX
 
     if export.imatrix == "on":
         return True
     if export.imatrix == "off":
         return False
-    return any(q in NEEDS_IMATRIX for q in export.quants)
+    return any(q in NEEDS_IMATRIX for q in quants)
 
 
 def importance_matrix(job: Export, merged: Path, merged_inputs: str, recipe: Recipe, export: ExportSection) -> Path:
@@ -140,13 +158,15 @@ def importance_matrix(job: Export, merged: Path, merged_inputs: str, recipe: Rec
         batches = list(calibration_batches(merged, data, export.calibration_rows, recipe.data.image_soft_tokens))
         stats = collect_imatrix(model, batches)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        write_imatrix_gguf(stats, path, datasets=[str(data)], chunk_count=len(batches), chunk_size=tokens)
+        # llama.cpp's chunk_size is tokens per chunk; ft's chunks are batches of rows of varying length.
+        write_imatrix_gguf(stats, path, datasets=[str(data)], chunk_count=len(batches),
+                           chunk_size=round(tokens / len(batches)))
 
     return job.make(job.folder / f"{job.name}-imatrix.gguf", "importance matrix", inputs, build)
 
 
-def export_run(target: Path) -> Path:
-    """Run every export step for a training run; returns the export folder."""
+def export_run(target: Path, extra_quants: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run every export step for a training run (plus `extra_quants`, which eval asks for); returns the folder."""
     from quantize.gguf_drafter import write_drafter
     from quantize.gguf_lm import write_language_model
     from quantize.gguf_mmproj import write_projector
@@ -168,18 +188,20 @@ def export_run(target: Path) -> Path:
                              lambda p: write_projector(merged, p, "F16"), type="F16")
     drafter = None
     if export.drafter is not None:
-        drafter_inputs = fingerprint("drafter", ref_type, str(export.drafter), merged_inputs)
+        drafter_dir = drafter_checkpoint(export.drafter, run / "drafter-base")
+        drafter_inputs = fingerprint("drafter", ref_type, export.drafter, merged_inputs)
         drafter = job.make(job.path(f"drafter-{ref_type}"), "MTP drafter", drafter_inputs,
-                           lambda p: write_drafter(export.drafter, merged, p, ref_type), type=ref_type)
+                           lambda p: write_drafter(drafter_dir, merged, p, ref_type), type=ref_type)
+    quant_types = list(dict.fromkeys([*export.quants, *extra_quants]))
     imatrix = None
-    if needs_imatrix(export):
+    if needs_imatrix(export, quant_types):
         imatrix = importance_matrix(job, merged, merged_inputs, recipe, export)
 
     reference_sha = job.manifest.entry(reference.name)["sha256"]
     imatrix_sha = job.manifest.entry(imatrix.name)["sha256"] if imatrix else None
     values = normalized(read_imatrix_gguf(imatrix)) if imatrix else None
     quants = {}
-    for qtype in export.quants:
+    for qtype in quant_types:
         inputs = fingerprint("quant", qtype, reference_sha, imatrix_sha, export.tensor_types)
         quants[qtype] = job.make(
             job.path(qtype), "quantized language model", inputs,

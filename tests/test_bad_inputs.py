@@ -479,7 +479,7 @@ def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     """Start the slow cases of the selected tests at once, longest first; each test waits for its own."""
     wanted: set[str] = set()
     for item in request.session.items:
-        if item.module is not request.module:
+        if getattr(item, "module", None) is not request.module:  # doctest items have no module
             continue
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "slow" in params:

@@ -1,0 +1,224 @@
+"""The evaluation recipe: how much each quantization of a run's model degrades, and how fast it decodes.
+
+    ft eval runs/demo              # a run directory (quant files missing from its export are made first)
+    ft eval recipes/demo.yaml      # the same, through the recipe's output.dir
+
+Writes `<run>/eval/`: results.json, report.md, divergence.png, accuracy.png, speed.png. Every number comes from
+llama.cpp (llama-cpp-python) running the GGUF files; the reference is the unquantized GGUF of the export
+(`export.reference`), which is also measured against itself as a check (KLD 0, 100% agreement).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from eval.accuracy import is_correct, paired_flips, wilson_interval
+from eval.divergence import Divergence, log_softmax
+from eval.mtp import decode
+from eval.report import write_report
+from eval.runner import EvalError, chunks, greedy, load, scored_logits
+from eval.tasks import Prompt, heldout_prompts, reasoning_prompts, text_only
+from ft.data import load_rows
+from ft.errors import FtError
+from ft.recipe import EvalSection, ExportSection, Recipe
+
+console = Console(stderr=True)
+
+
+def evaluation_tokens(settings: EvalSection, recipe: Recipe, processor: Any, llm: Any) -> list[int]:
+    """Tokens of the evaluation text: a text file, or the held-out rows rendered by the chat template."""
+    if settings.text is not None:
+        text = settings.text.read_text(encoding="utf-8")
+    else:
+        source = recipe.data.eval or recipe.data.train
+        conversations = text_only(load_rows(source))
+        text = "".join(processor.apply_chat_template(c, tokenize=False) for c in conversations)
+    tokens = llm.tokenize(text.encode(), add_bos=False, special=True)[: settings.max_tokens]
+    if len(tokens) < settings.context:
+        raise FtError(f"eval.context: the evaluation text has {len(tokens)} tokens, fewer than one chunk "
+                      f"({settings.context}); lower eval.context or give a longer eval.text")
+    return tokens
+
+
+def reference_pass(reference: Path, tokens: list[int], settings: EvalSection, store: Path) -> tuple[np.memmap, np.ndarray]:
+    """Reference log-probabilities of every scored position, streamed to a float32 file on disk."""
+    llm = load(reference, settings.context, logits_all=True, threads=settings.threads)
+    bos = llm.token_bos()
+    windows = list(chunks(tokens, settings.context, bos))
+    per_window = settings.context - 1 - settings.context // 2
+    logprobs = np.lib.format.open_memmap(store, mode="w+", dtype=np.float32,
+                                         shape=(len(windows) * per_window, llm.n_vocab()))
+    targets = []
+    for i, window in enumerate(windows):
+        logits, predicted = scored_logits(llm, window)
+        logprobs[i * per_window : (i + 1) * per_window] = log_softmax(logits)
+        targets.append(predicted)
+    logprobs.flush()
+    del llm
+    return logprobs, np.concatenate(targets)
+
+
+def divergence_of(path: Path, tokens: list[int], settings: EvalSection, ref: np.memmap, targets: np.ndarray) -> dict:
+    llm = load(path, settings.context, logits_all=True, threads=settings.threads)
+    stats = Divergence()
+    row = 0
+    for window in chunks(tokens, settings.context, llm.token_bos()):
+        logits, predicted = scored_logits(llm, window)
+        if not np.array_equal(predicted, targets[row : row + len(predicted)]):
+            raise EvalError(f"{path}: tokenizes the evaluation text differently from the reference")
+        stats.add(ref[row : row + len(predicted)], logits, predicted)
+        row += len(predicted)
+    return stats.summary()
+
+
+def answers(path: Path, prompts: list[Prompt], processor: Any, settings: EvalSection) -> list[bool]:
+    """Greedy answers of one model to every prompt, scored by exact match."""
+    tokenizer = processor.tokenizer
+    stop = {tokenizer.convert_tokens_to_ids(t) for t in ("<turn|>", "<eos>")}
+    rendered = [processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in prompts]
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rendered)
+    llm = load(path, longest + settings.max_new_tokens + 16, threads=settings.threads)
+    correct = []
+    for prompt, text in zip(prompts, rendered, strict=True):
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        reply = llm.detokenize(greedy(llm, ids, settings.max_new_tokens, stop), special=True).decode(errors="replace")
+        correct.append(is_correct(reply, prompt.answer))
+    return correct
+
+
+def accuracy_table(results: list[bool], reference: list[bool], prompts: list[Prompt]) -> dict[str, Any]:
+    table = {}
+    for task in dict.fromkeys(p.task for p in prompts):
+        idx = [i for i, p in enumerate(prompts) if p.task == task]
+        got = [results[i] for i in idx]
+        flips = paired_flips([reference[i] for i in idx], got)
+        low, high = wilson_interval(sum(got), len(got))
+        table[task] = {"n": len(got), "correct": sum(got), "accuracy": sum(got) / len(got),
+                       "wilson95": [low, high], "lost": flips.lost, "gained": flips.gained}
+    return table
+
+
+def speed_of(path: Path, drafter: Path | None, prompts: list[list[int]], settings: EvalSection) -> dict[str, Any]:
+    """Decode tokens/s with MTP off and (with a drafter) on, and whether both give the same tokens."""
+    plain = [decode(path, p, settings.speed_tokens, threads=settings.threads) for p in prompts]
+    out: dict[str, Any] = {"plain_tokens_per_second": sum(len(d.tokens) for d in plain) / sum(d.seconds for d in plain)}
+    if drafter is None:
+        return out
+    mtp = [decode(path, p, settings.speed_tokens, drafter, settings.draft_len, settings.threads) for p in prompts]
+    drafted, accepted, steps = (sum(getattr(d, k) for d in mtp) for k in ("drafted", "accepted", "steps"))
+    out.update(
+        mtp_tokens_per_second=sum(len(d.tokens) for d in mtp) / sum(d.seconds for d in mtp),
+        acceptance_rate=accepted / drafted if drafted else 0.0,
+        mean_accepted=accepted / steps if steps else 0.0,
+        identical=all(a.tokens == b.tokens for a, b in zip(plain, mtp, strict=True)),
+        draft_len=settings.draft_len,
+    )
+    return out
+
+
+def device_name() -> str:
+    import llama_cpp
+
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = " + GPU offload" if llama_cpp.llama_supports_gpu_offload() else ""
+    return f"{cpu}, {os.cpu_count()} threads{gpu}"
+
+
+def versions() -> dict[str, str]:
+    import llama_cpp
+    import torch
+    import transformers
+
+    import ft
+
+    return {"ft": ft.__version__, "llama-cpp-python": llama_cpp.__version__,
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def evaluate_run(target: Path) -> Path:
+    """Measure every quant of a run against its reference GGUF and write the report; returns the report folder."""
+    from ft.models import load_processor
+    from quantize.manifest import Manifest
+    from quantize.pipeline import export_run, resolve_run
+
+    run, recipe = resolve_run(target)
+    settings = recipe.eval or EvalSection()
+    export = recipe.export or ExportSection()
+    folder = export_run(run, extra_quants=settings.quants)
+    manifest = Manifest(folder / "manifest.json")
+    reference = folder / f"{run.name}-{export.reference}.gguf"
+    drafters = [f for f in manifest.files.values() if f["kind"] == "MTP drafter"]
+    drafter = folder / drafters[0]["file"] if drafters and settings.speed else None
+    processor = load_processor(str(folder / "merged"), recipe.data.image_soft_tokens)
+    out = run / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = [(f"{export.reference} (reference)", reference)] + [(q, folder / f"{run.name}-{q}.gguf") for q in settings.quants]
+    prompts = reasoning_prompts(settings.tasks, settings.samples, settings.seed) if settings.samples else []
+    if settings.heldout and recipe.data.eval:
+        prompts += heldout_prompts(load_rows(recipe.data.eval))
+
+    scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=out))
+    try:
+        tokens = evaluation_tokens(settings, recipe, processor, load(reference, 64, threads=settings.threads))
+        console.print(f"reference pass over {len(tokens)} tokens")
+        ref_logprobs, targets = reference_pass(reference, tokens, settings, scratch / "reference.npy")
+        reference_correct = answers(reference, prompts, processor, settings) if prompts else []
+        speed_prompts = [processor.tokenizer(processor.apply_chat_template(p.messages, tokenize=False,
+                                                                          add_generation_prompt=True),
+                                             add_special_tokens=False)["input_ids"]
+                         for p in prompts[: settings.speed_prompts]]
+        measured = []
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("evaluate", total=len(rows))
+            for label, path in rows:
+                progress.update(task, description=f"evaluate {label}")
+                measured.append(measure(label, path, manifest, tokens, settings, ref_logprobs, targets, prompts,
+                                        processor, reference_correct, drafter, speed_prompts))
+                progress.advance(task)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    results = {
+        "run": run.name, "reference": reference.name, "reference_type": export.reference,
+        "drafter": drafter.name if drafter else None, "device": device_name(), "versions": versions(),
+        "date": datetime.date.today().isoformat(), "settings": settings.model_dump(mode="json"),
+        "tasks": list(dict.fromkeys(p.task for p in prompts)), "divergence_tokens": int(len(targets)),
+        "quants": measured,
+    }
+    write_report(results, out)
+    console.print(f"[green]report written to {out / 'report.md'}")
+    return out
+
+
+def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: EvalSection, ref: np.memmap,
+            targets: np.ndarray, prompts: list[Prompt], processor: Any, reference_correct: list[bool],
+            drafter: Path | None, speed_prompts: list[list[int]]) -> dict[str, Any]:
+    """Every metric of one file; a file llama.cpp cannot use is reported with its error instead."""
+    entry: dict[str, Any] = {"type": label, "file": path.name}
+    if path.name in manifest.files:
+        entry["bits_per_weight"] = manifest.entry(path.name).get("bits_per_weight")
+    try:
+        entry["divergence"] = divergence_of(path, tokens, settings, ref, targets)
+        if prompts:
+            correct = answers(path, prompts, processor, settings)
+            entry["accuracy"] = accuracy_table(correct, reference_correct, prompts)
+        if settings.speed:
+            entry["speed"] = speed_of(path, drafter, speed_prompts, settings)
+    except EvalError as exc:
+        entry = {"type": label, "file": path.name, "error": str(exc)}
+    return entry

@@ -1,0 +1,142 @@
+"""The evaluation report: results.json, report.md with a table per metric, and PNG plots against bits per weight."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+from ft.atomic import write_bytes, write_text  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+
+
+def _measured(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [q for q in results["quants"] if "error" not in q]
+
+
+def plot_divergence(results: dict[str, Any], path: Path) -> None:
+    rows = [q for q in _measured(results) if "divergence" in q]
+    bpw = [q["bits_per_weight"] for q in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    left.errorbar(bpw, [q["divergence"]["kld_mean"] for q in rows],
+                  yerr=[q["divergence"]["kld_mean_error"] for q in rows], marker="o", capsize=3, label="mean")
+    left.plot(bpw, [q["divergence"]["kld_p99"] for q in rows], marker="s", linestyle="--", label="99th percentile")
+    left.set_yscale("symlog", linthresh=1e-4)
+    left.set_xlabel("bits per weight")
+    left.set_ylabel("KL divergence vs reference (nats)")
+    left.legend()
+    right.plot(bpw, [100 * q["divergence"]["top1_agreement"] for q in rows], marker="o", color="tab:green")
+    right.set_xlabel("bits per weight")
+    right.set_ylabel("same top-1 token as reference (%)")
+    for q in rows:
+        for ax, y in ((left, q["divergence"]["kld_mean"]), (right, 100 * q["divergence"]["top1_agreement"])):
+            ax.annotate(q["type"], (q["bits_per_weight"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    left.grid(alpha=0.3)
+    right.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_accuracy(results: dict[str, Any], path: Path) -> None:
+    rows = [q for q in _measured(results) if q.get("accuracy")]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for task in results["tasks"]:
+        points = [(q["bits_per_weight"], q["accuracy"][task]) for q in rows if task in q["accuracy"]]
+        if not points:
+            continue
+        x = [p[0] for p in points]
+        y = [100 * p[1]["accuracy"] for p in points]
+        low = [100 * (p[1]["accuracy"] - p[1]["wilson95"][0]) for p in points]
+        high = [100 * (p[1]["wilson95"][1] - p[1]["accuracy"]) for p in points]
+        ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=task)
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("exact-match accuracy (%), 95% Wilson interval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_speed(results: dict[str, Any], path: Path) -> None:
+    rows = [q for q in _measured(results) if q.get("speed")]
+    names = [q["type"] for q in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [q["speed"]["plain_tokens_per_second"] for q in rows], width=0.4, label="MTP off")
+    if any("mtp_tokens_per_second" in q["speed"] for q in rows):
+        ax.bar([i + 0.2 for i in x], [q["speed"].get("mtp_tokens_per_second", 0) for q in rows], width=0.4,
+               label="MTP on")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(results["device"], fontsize=9)
+    ax.legend()
+    _save(fig, path)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    quants = results["quants"]
+    div = [[q["type"], q.get("bits_per_weight", ""),
+            *(f"{q['divergence'][k]:.5f}" for k in ("kld_mean", "kld_median", "kld_p99", "kld_p999")),
+            f"{100 * q['divergence']['top1_agreement']:.2f}", f"{q['divergence']['ppl']:.4f}",
+            f"{q['divergence']['ppl_ratio']:.4f}", f"{100 * q['divergence']['dp_mean']:.3f}",
+            f"{100 * q['divergence']['dp_rms']:.3f}"]
+           for q in quants if "divergence" in q]
+    acc = [[q["type"], task, f"{100 * a['accuracy']:.1f}", f"{100 * a['wilson95'][0]:.1f}-{100 * a['wilson95'][1]:.1f}",
+            a["n"], a.get("lost", ""), a.get("gained", "")]
+           for q in quants for task, a in q.get("accuracy", {}).items()]
+    speed = [[q["type"], f"{q['speed']['plain_tokens_per_second']:.1f}",
+              f"{q['speed'].get('mtp_tokens_per_second', float('nan')):.1f}",
+              f"{q['speed'].get('acceptance_rate', float('nan')):.3f}",
+              f"{q['speed'].get('mean_accepted', float('nan')):.2f}", q["speed"].get("identical", "")]
+             for q in quants if q.get("speed")]
+    errors = [[q["type"], q["error"]] for q in quants if "error" in q]
+    settings = "\n".join(f"- {k}: `{v}`" for k, v in results["settings"].items())
+    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    parts = [
+        f"# Quantization report: {results['run']}",
+        f"Reference: `{results['reference']}` ({results['reference_type']}). Device: {results['device']}. "
+        f"Date: {results['date']}. Versions: {versions}.",
+        "## Settings", settings,
+        "## Distribution vs reference",
+        f"{results.get('divergence_tokens', 0)} scored tokens. KLD over the full vocabulary, natural log; top-1 = same "
+        "most likely token; Δp = p_quant(correct) - p_ref(correct), in percentage points.",
+        _table(["type", "bpw", "mean KLD", "median", "p99", "p99.9", "top-1 %", "PPL", "PPL ratio", "mean Δp",
+                "RMS Δp"], div),
+        "## Accuracy (greedy, exact match)",
+        "lost: right with the reference and wrong quantized; gained: the reverse (same prompts).",
+        _table(["type", "task", "accuracy %", "95% Wilson", "n", "lost", "gained"], acc),
+        "## Decode speed, batch 1",
+        _table(["type", "tok/s MTP off", "tok/s MTP on", "acceptance", "mean accepted", "MTP output identical"], speed),
+    ]
+    if errors:
+        parts += ["## Files that could not be evaluated", _table(["type", "error"], errors)]
+    parts.append("Plots: `divergence.png`, `accuracy.png`, `speed.png`.")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(results: dict[str, Any], folder: Path) -> None:
+    write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(folder / "report.md", markdown(results))
+    if any("divergence" in q for q in results["quants"]):
+        plot_divergence(results, folder / "divergence.png")
+    if any(q.get("accuracy") for q in results["quants"]):
+        plot_accuracy(results, folder / "accuracy.png")
+    if any(q.get("speed") for q in results["quants"]):
+        plot_speed(results, folder / "speed.png")

@@ -86,30 +86,35 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export_12b.json")
     parser.add_argument("--shape", choices=["12b", "tiny"], default="12b")
-    parser.add_argument("--keep", action="store_true", help="keep the GGUF files (eval_speed.py reuses them)")
+    parser.add_argument("--stage", choices=["prepare", "convert", "quantize", "all"], default="all",
+                        help="run part of the steps (a device call is limited to 10 minutes); results accumulate")
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    steps = [measured("random inputs", make_inputs, work, args.shape)]
-    steps.append(measured("merge", merge, work))
-    shutil.rmtree(work / "base")
-    steps.append(measured("convert BF16", convert, work))
-    steps.append(measured("projector F16", projector, work))
-    shutil.rmtree(work / "merged")
-    for qtype in ("Q8_0", "Q6_K", "Q4_K_M"):
-        steps.append(measured(f"quantize {qtype}", quantize, work, qtype))
+    steps = json.loads(args.out.read_text())["steps"] if args.stage != "prepare" and args.out.is_file() else []
+    if args.stage in ("prepare", "all"):
+        steps.append(measured("random inputs", make_inputs, work, args.shape))
+        steps.append(measured("merge", merge, work))
+        shutil.rmtree(work / "base")
+    if args.stage in ("convert", "all"):
+        steps.append(measured("convert BF16", convert, work))
+        steps.append(measured("projector F16", projector, work))
+        for shard in (work / "merged").glob("*.safetensors"):
+            shard.unlink()  # eval_speed.py still needs the merged config and tokenizer
+    if args.stage in ("quantize", "all"):
+        for qtype in ("Q8_0", "Q6_K", "Q4_K_M"):
+            steps.append(measured(f"quantize {qtype}", quantize, work, qtype))
     sizes = {p.name: p.stat().st_size / 2**30 for p in sorted(work.glob("*.gguf"))}
+    export_steps = [s for s in steps if s["step"] != "random inputs"]
     result = {
         "benchmark": "export_12b", "shape": args.shape, "date": datetime.date.today().isoformat(),
         "host": platform.node(), "cpu_count": os.cpu_count(), "steps": steps, "file_gib": sizes,
-        "peak_rss_gib_max": max(s["peak_rss_gib"] for s in steps[1:]),
+        "peak_rss_gib_max": max((s["peak_rss_gib"] for s in export_steps), default=0.0),
+        "export_seconds": sum(s["seconds"] for s in export_steps),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"peak_rss_gib_max": result["peak_rss_gib_max"], "file_gib": sizes}, indent=2))
-    if not args.keep:
-        for path in work.glob("*.gguf"):
-            path.unlink()
+    print(json.dumps({k: result[k] for k in ("peak_rss_gib_max", "export_seconds", "file_gib")}, indent=2))
 
 
 if __name__ == "__main__":

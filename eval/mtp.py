@@ -13,6 +13,7 @@ Both modes use the same low-level calls so that their speeds compare fairly.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -44,6 +45,14 @@ class Decoded:
         return self.accepted / self.steps if self.steps else 0.0
 
 
+@functools.cache
+def _backend_init() -> None:
+    """Initialise llama.cpp's backends once per process (a second initialisation crashed CUDA builds)."""
+    import llama_cpp as L
+
+    L.llama_backend_init()
+
+
 class _Model:
     """A model and one context over it, freed together."""
 
@@ -52,7 +61,7 @@ class _Model:
 
         check_gguf(path)
         _quiet()
-        L.llama_backend_init()
+        _backend_init()
         model_params = L.llama_model_default_params()
         model_params.n_gpu_layers = 999  # all layers on the GPU when llama.cpp was built with one; ignored on CPU
         model_params.use_extra_bufts = False  # see eval.runner.plain_cpu_kernels

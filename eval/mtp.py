@@ -13,7 +13,6 @@ Both modes use the same low-level calls so that their speeds compare fairly.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import time
 from dataclasses import dataclass
@@ -45,12 +44,16 @@ class Decoded:
         return self.accepted / self.steps if self.steps else 0.0
 
 
-@functools.cache
 def _backend_init() -> None:
-    """Initialise llama.cpp's backends once per process (a second initialisation crashed CUDA builds)."""
+    """Initialise llama.cpp's backends once per process, sharing llama_cpp.Llama's own once-only flag.
+
+    A second initialisation was followed by a crash in model loading with a CUDA build on the H100 machine.
+    """
     import llama_cpp as L
 
-    L.llama_backend_init()
+    if not getattr(L.Llama, "_Llama__backend_initialized", False):
+        L.llama_backend_init()
+        L.Llama._Llama__backend_initialized = True
 
 
 class _Model:

@@ -30,6 +30,16 @@ def processor(tiny):
     return tiny[1]
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The README's demo, once per session: train, export (ft quantize) and evaluate (ft eval) the tiny model."""
+    run = tmp_path_factory.mktemp("demo") / "run"
+    result = run_ft("train", str(ROOT / "recipes" / "demo.yaml"), f"output.dir={run}", "logging.wandb=offline")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return run
+
+
 def write_recipe(path: Path, **sections: dict) -> Path:
     """Write a recipe based on recipes/demo.yaml with absolute data paths, and `sections` merged over it."""
     recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())

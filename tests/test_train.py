@@ -25,15 +25,6 @@ pytestmark = pytest.mark.slow
 DEMO = ROOT / "recipes" / "demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("demo") / "run"
-    result = run_ft("train", str(DEMO), f"output.dir={run}", "logging.wandb=offline")
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return run
-
-
 def test_demo_learns(demo_run):
     summary = json.loads((demo_run / "summary.json").read_text())
     assert summary["eval_loss_last"] <= 0.7 * summary["eval_loss_first"], summary
@@ -76,7 +67,9 @@ def test_saved_adapter_reproduces_the_reported_heldout_loss(demo_run):
 def test_killed_run_resumes_to_the_same_result(demo_run, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    args = [sys.executable, "-m", "ft", "train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled"]
+    # Training alone: the export and eval stages that follow it in the demo have their own resumability tests.
+    stages = ("export=null", "eval=null")
+    args = [sys.executable, "-m", "ft", "train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", *stages]
     process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = run / "checkpoints" / "checkpoint-45"
     deadline = time.time() + 300
@@ -88,7 +81,7 @@ def test_killed_run_resumes_to_the_same_result(demo_run, tmp_path):
     process.wait()
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
 
-    result = run_ft("train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", "--resume")
+    result = run_ft("train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", *stages, "--resume")
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stderr
     resumed = json.loads((run / "summary.json").read_text())

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from eval.accuracy import is_correct, paired_flips, wilson_interval
-from eval.divergence import Divergence, log_softmax
+from eval.divergence import ROW_BLOCK, Divergence, log_softmax
 from eval.mtp import decode
 from eval.report import write_report
 from eval.runner import EvalError, chunks, greedy, load, scored_logits
@@ -50,25 +50,43 @@ def evaluation_tokens(settings: EvalSection, recipe: Recipe, processor: Any, llm
     return tokens
 
 
-def reference_pass(reference: Path, tokens: list[int], settings: EvalSection, store: Path) -> tuple[np.memmap, np.ndarray]:
-    """Reference log-probabilities of every scored position, streamed to a float32 file on disk."""
+class LogprobStore:
+    """Reference log-probabilities on disk, one float32 row per scored position, read back a chunk at a time.
+
+    Plain reads and writes rather than a memory map: the pages of a mapped file count towards the process's resident
+    memory, and at Gemma 4's vocabulary 8192 tokens of them are 4 GiB.
+    """
+
+    def __init__(self, path: Path, vocab: int) -> None:
+        self.path = path
+        self.vocab = vocab
+
+    def append(self, rows: np.ndarray) -> None:
+        with self.path.open("ab") as f:
+            rows.astype(np.float32).tofile(f)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        with self.path.open("rb") as f:
+            f.seek(start * self.vocab * 4)
+            return np.fromfile(f, dtype=np.float32, count=count * self.vocab).reshape(count, self.vocab)
+
+
+def reference_pass(reference: Path, tokens: list[int], settings: EvalSection, store: Path) -> tuple[LogprobStore, np.ndarray]:
+    """Reference log-probabilities of every scored position, streamed to disk; and the tokens they predict."""
     llm = load(reference, settings.context, logits_all=True, threads=settings.threads)
-    bos = llm.token_bos()
-    windows = list(chunks(tokens, settings.context, bos))
-    per_window = settings.context - 1 - settings.context // 2
-    logprobs = np.lib.format.open_memmap(store, mode="w+", dtype=np.float32,
-                                         shape=(len(windows) * per_window, llm.n_vocab()))
+    logprobs = LogprobStore(store, llm.n_vocab())
+    store.unlink(missing_ok=True)
     targets = []
-    for i, window in enumerate(windows):
+    for window in chunks(tokens, settings.context, llm.token_bos()):
         logits, predicted = scored_logits(llm, window)
-        logprobs[i * per_window : (i + 1) * per_window] = log_softmax(logits)
+        for start in range(0, len(logits), ROW_BLOCK):
+            logprobs.append(log_softmax(logits[start : start + ROW_BLOCK]))
         targets.append(predicted)
-    logprobs.flush()
-    del llm
+    llm.close()
     return logprobs, np.concatenate(targets)
 
 
-def divergence_of(path: Path, tokens: list[int], settings: EvalSection, ref: np.memmap, targets: np.ndarray) -> dict:
+def divergence_of(path: Path, tokens: list[int], settings: EvalSection, ref: LogprobStore, targets: np.ndarray) -> dict:
     llm = load(path, settings.context, logits_all=True, threads=settings.threads)
     stats = Divergence()
     row = 0
@@ -76,8 +94,9 @@ def divergence_of(path: Path, tokens: list[int], settings: EvalSection, ref: np.
         logits, predicted = scored_logits(llm, window)
         if not np.array_equal(predicted, targets[row : row + len(predicted)]):
             raise EvalError(f"{path}: tokenizes the evaluation text differently from the reference")
-        stats.add(ref[row : row + len(predicted)], logits, predicted)
+        stats.add(ref.read(row, len(predicted)), logits, predicted)
         row += len(predicted)
+    llm.close()
     return stats.summary()
 
 
@@ -176,7 +195,7 @@ def evaluate_run(target: Path) -> Path:
     try:
         tokens = evaluation_tokens(settings, recipe, processor, load(reference, 64, threads=settings.threads))
         console.print(f"reference pass over {len(tokens)} tokens")
-        ref_logprobs, targets = reference_pass(reference, tokens, settings, scratch / "reference.npy")
+        ref_logprobs, targets = reference_pass(reference, tokens, settings, scratch / "reference.f32")
         reference_correct = answers(reference, prompts, processor, settings) if prompts else []
         speed_prompts = [processor.tokenizer(processor.apply_chat_template(p.messages, tokenize=False,
                                                                           add_generation_prompt=True),
@@ -205,7 +224,7 @@ def evaluate_run(target: Path) -> Path:
     return out
 
 
-def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: EvalSection, ref: np.memmap,
+def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: EvalSection, ref: LogprobStore,
             targets: np.ndarray, prompts: list[Prompt], processor: Any, reference_correct: list[bool],
             drafter: Path | None, speed_prompts: list[list[int]]) -> dict[str, Any]:
     """Every metric of one file; a file llama.cpp cannot use is reported with its error instead."""

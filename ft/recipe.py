@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from ft.errors import FtError
 
@@ -23,6 +23,17 @@ LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 IMAGE_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 TINY_PREFIX = "tiny-random:"
 DEFAULT_QUANTS = ("Q8_0", "Q6_K", "Q4_K_M")
+
+
+def _quant_names(names: list[str]) -> list[str]:
+    """Upper-case llama.cpp type names and reject unknown ones before any work starts."""
+    from quantize.types import QUANT_TYPES
+
+    upper = [name.upper() for name in names]
+    unknown = [name for name in upper if name not in QUANT_TYPES]
+    if unknown:
+        raise ValueError(f"unknown quantization type {', '.join(unknown)} (known: {', '.join(QUANT_TYPES)})")
+    return upper
 
 
 class Section(BaseModel):
@@ -133,6 +144,26 @@ class ExportSection(Section):
     )
     dir: Path | None = Field(None, description="Export folder (default: output.dir/gguf).")
 
+    @field_validator("quants")
+    @classmethod
+    def _known_quants(cls, value: list[str]) -> list[str]:
+        return _quant_names(value)
+
+    @field_validator("imatrix", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        # YAML reads `on` and `off` as booleans.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _imatrix_available(self) -> ExportSection:
+        from quantize.types import NEEDS_IMATRIX
+
+        needing = [q for q in self.quants if q in NEEDS_IMATRIX]
+        if self.imatrix == "off" and needing:
+            raise ValueError(f"{', '.join(needing)} need an importance matrix, but export.imatrix is off")
+        return self
+
 
 class EvalSection(Section):
     """What `ft eval` measures: each quant against the unquantized reference GGUF, with llama.cpp as the judge."""
@@ -157,6 +188,11 @@ class EvalSection(Section):
     draft_len: int = Field(3, ge=1, le=16, description="Tokens the MTP drafter proposes per step.")
     seed: int = Field(0, ge=0, description="Seed of the generated reasoning tasks.")
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all).")
+
+    @field_validator("quants")
+    @classmethod
+    def _known_quants(cls, value: list[str]) -> list[str]:
+        return _quant_names(value)
 
 
 class Recipe(Section):

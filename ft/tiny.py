@@ -94,7 +94,7 @@ def tiny_config(tokenizer: GemmaTokenizer) -> Gemma4UnifiedConfig:
     """Config of the tiny model: 12B's layout (5 sliding : 1 full, k_eq_v full layers) at width 256."""
     ids = tokenizer.convert_tokens_to_ids
     text_config = {
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": len(tokenizer),
         "hidden_size": 256,
         "intermediate_size": 512,
         "num_hidden_layers": 6,

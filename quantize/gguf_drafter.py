@@ -31,7 +31,7 @@ from transformers import AutoConfig
 
 from ft.atomic import staged_file
 from quantize.checkpoint import Checkpoint
-from quantize.gguf_lm import add_text_hparams, rope_freqs
+from quantize.gguf_lm import LAYER_TENSORS, add_text_hparams, rope_freqs
 from quantize.gguf_mmproj import TensorJob, resolve_out_type, tensor_shapes, write_gguf
 from quantize.gguf_vocab import GGUFConversionError, add_tokenizer
 
@@ -44,19 +44,11 @@ _GLOBAL_TENSORS = {
     "pre_projection.weight": "nextn.pre_projection.weight",
     "post_projection.weight": "nextn.post_projection.weight",
 }
-# No k/v projections: every drafter layer reads the target's KV, and llama.cpp rejects unused tensors.
+# The target's layer tensors without k/v: every drafter layer reads the target's KV, and llama.cpp rejects unused
+# tensors.
 _LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-    "layer_scalar": "layer_output_scale.weight",
+    hf: gguf_name for hf, gguf_name in LAYER_TENSORS.items()
+    if hf not in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
 }
 # Tied copy of embed_tokens, and the optional centroid head (llama.cpp computes full logits without it).
 _SKIPPED_PREFIXES = ("lm_head.", "masked_embedding.")

@@ -82,13 +82,13 @@ def main() -> None:
         path = args.work / f"model-{target}.gguf"
         decode(path, prompts[0], 8)  # warm-up: load, allocate and run every kernel once
         plain = [decode(path, p, args.tokens) for p in prompts]
-        plain_tps = sum(len(d.tokens) for d in plain) / sum(d.seconds for d in plain)
+        plain_tps = sum(d.timed_tokens for d in plain) / sum(d.seconds for d in plain)
         for draft_len in args.draft:
             mtp = [decode(path, p, args.tokens, drafter, draft_len) for p in prompts]
             drafted = sum(d.drafted for d in mtp)
             row = {
                 "target": target, "draft_len": draft_len, "plain_tokens_per_second": plain_tps,
-                "mtp_tokens_per_second": sum(len(d.tokens) for d in mtp) / sum(d.seconds for d in mtp),
+                "mtp_tokens_per_second": sum(d.timed_tokens for d in mtp) / sum(d.seconds for d in mtp),
                 "acceptance_rate": sum(d.accepted for d in mtp) / drafted if drafted else 0.0,
                 "mean_accepted": sum(d.accepted for d in mtp) / sum(d.steps for d in mtp),
                 "identical": all(a.tokens == b.tokens for a, b in zip(plain, mtp, strict=True)),

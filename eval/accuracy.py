@@ -2,7 +2,7 @@
 
 Answer extraction, applied to the model's reply before comparing with the reference answer:
     1. drop thinking blocks (`<|channel>...<channel|>`) and a trailing `<turn|>`;
-    2. if a line says "answer is X" or "Answer: X", keep X (the last such line);
+    2. if a line says "answer is X", "answer is: X" or "Answer: X" (markdown bold ignored), keep X (the last one);
     3. otherwise keep the last non-empty line;
     4. normalise: lower case, strip spaces, `**`, `$`, quotes and one trailing period.
 Two answers match when their normalised texts are equal, or when both parse as numbers and are equal.
@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 _THINKING = re.compile(r"<\|channel>.*?<channel\|>", re.DOTALL)
-_ANSWER_LINE = re.compile(r"(?:answer is|answer:)\s*(.+)", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"answer(?:\s+is\s*:?|\s*:)\s*(.+)", re.IGNORECASE)
 
 
 def normalize(text: str) -> str:
@@ -36,7 +36,7 @@ def extract_answer(reply: str) -> str:
     if not lines:
         return ""
     for line in reversed(lines):
-        match = _ANSWER_LINE.search(line)
+        match = _ANSWER_LINE.search(line.replace("**", "").replace("$", ""))
         if match:
             return normalize(match.group(1))
     return normalize(lines[-1])

@@ -32,8 +32,13 @@ class Decoded:
     steps: int = 0
 
     @property
+    def timed_tokens(self) -> int:
+        """Tokens produced inside the timed loop (the first one comes from the prompt pass, before the timer)."""
+        return max(len(self.tokens) - 1, 0)
+
+    @property
     def tokens_per_second(self) -> float:
-        return len(self.tokens) / self.seconds if self.seconds else 0.0
+        return self.timed_tokens / self.seconds if self.seconds else 0.0
 
     @property
     def acceptance_rate(self) -> float:

@@ -130,13 +130,13 @@ def accuracy_table(results: list[bool], reference: list[bool], prompts: list[Pro
 def speed_of(path: Path, drafter: Path | None, prompts: list[list[int]], settings: EvalSection) -> dict[str, Any]:
     """Decode tokens/s with MTP off and (with a drafter) on, and whether both give the same tokens."""
     plain = [decode(path, p, settings.speed_tokens, threads=settings.threads) for p in prompts]
-    out: dict[str, Any] = {"plain_tokens_per_second": sum(len(d.tokens) for d in plain) / sum(d.seconds for d in plain)}
+    out: dict[str, Any] = {"plain_tokens_per_second": sum(d.timed_tokens for d in plain) / sum(d.seconds for d in plain)}
     if drafter is None:
         return out
     mtp = [decode(path, p, settings.speed_tokens, drafter, settings.draft_len, settings.threads) for p in prompts]
     drafted, accepted, steps = (sum(getattr(d, k) for d in mtp) for k in ("drafted", "accepted", "steps"))
     out.update(
-        mtp_tokens_per_second=sum(len(d.tokens) for d in mtp) / sum(d.seconds for d in mtp),
+        mtp_tokens_per_second=sum(d.timed_tokens for d in mtp) / sum(d.seconds for d in mtp),
         acceptance_rate=accepted / drafted if drafted else 0.0,
         mean_accepted=accepted / steps if steps else 0.0,
         identical=all(a.tokens == b.tokens for a, b in zip(plain, mtp, strict=True)),
@@ -236,7 +236,7 @@ def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: 
         if prompts:
             correct = answers(path, prompts, processor, settings)
             entry["accuracy"] = accuracy_table(correct, reference_correct, prompts)
-        if settings.speed:
+        if settings.speed and speed_prompts:
             entry["speed"] = speed_of(path, drafter, speed_prompts, settings)
     except EvalError as exc:
         entry = {"type": label, "file": path.name, "error": str(exc)}

@@ -11,7 +11,6 @@ Nothing here reaches the network unless the user's machine is online and not in 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -107,6 +106,4 @@ def load_model(
 
 
 def default_device() -> str:
-    if os.environ.get("FT_DEVICE"):
-        return os.environ["FT_DEVICE"]
     return "cuda" if torch.cuda.is_available() else "cpu"

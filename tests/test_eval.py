@@ -1,0 +1,359 @@
+"""`ft eval`: the demo report, KLD metrics against an independent NumPy computation on llama.cpp logits, the
+exact-match scorer, corrupt files, MTP identity, and a rerun that reuses the export.
+
+Every model is loaded through eval.runner / eval.mtp (plain CPU kernels: llama.cpp's AMX kernels crash on quantized
+weights here) with one thread: on a shared 2-core machine llama.cpp's spinning thread barrier is ~20x slower with two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from conftest import run_ft
+from scipy import stats
+from scipy.special import log_softmax
+
+from eval import divergence as ft_divergence
+from eval.accuracy import Flips, extract_answer, is_correct, paired_flips, wilson_interval
+from eval.mtp import decode
+from eval.pipeline import evaluate_run, evaluation_tokens, measure, reference_pass
+from eval.runner import EvalError, check_gguf, chunks, load, scored_logits
+from ft.recipe import EvalSection
+from ft.recipe_io import load_recipe
+from ft.tiny import tiny_processor
+from quantize.manifest import Manifest
+
+QUANTS = ["Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"]  # the demo's eval.quants, most bits first
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = EvalSection(context=64, max_tokens=128, threads=1, speed=False)  # two scored windows of 31 tokens
+QUESTIONS = [
+    "What is 2 + 2?", "Name a red fruit.", "How many legs does a spider have?", "Describe a circle in one sentence.",
+    "What colour is the sky at noon?", "Count from one to five.", "Which is larger, 7 or 12?", "Say hello in French.",
+    "What sound does a beep make?", "Spell the word cat backwards.", "What is 9 times 3?", "Name a shape with corners.",
+    "Is water wet?", "Give me a rhyme for moon.", "How many days are in a week?", "What is half of 10?",
+    "Translate 'dog' into Spanish.", "Write a haiku about rain.", "What comes after Tuesday?", "Add 17 and 25.",
+]
+
+
+def gguf_file(run: Path, suffix: str) -> Path:
+    return run / "gguf" / f"{run.name}-{suffix}.gguf"
+
+
+@pytest.fixture(scope="module")
+def results(demo_run: Path) -> dict[str, Any]:
+    return json.loads((demo_run / "eval" / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {q["type"]: q for q in results["quants"]}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+def copy_run(run: Path, dest: Path, **eval_settings: Any) -> Path:
+    """A copy of a run directory under the same name, with its recipe's eval section updated."""
+    copy = dest / run.name
+    for part in ("adapter", "drafter-base", "gguf", "eval"):
+        shutil.copytree(run / part, copy / part)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["eval"].update(eval_settings)
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return copy
+
+
+# 1-2. The demo's report -------------------------------------------------------------------------------------------
+
+
+def test_demo_report_files(demo_run: Path) -> None:
+    out = demo_run / "eval"
+    assert "## Distribution vs reference" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["quants"]
+    for plot in ("divergence.png", "accuracy.png", "speed.png"):
+        assert (out / plot).read_bytes()[:8] == PNG_MAGIC, plot
+
+
+def test_demo_quants_degrade_monotonically(results: dict[str, Any], rows: dict[str, dict[str, Any]]) -> None:
+    assert [q["type"] for q in results["quants"]] == [f"{results['reference_type']} (reference)", *QUANTS]
+    assert all("error" not in q and q["bits_per_weight"] > 0 for q in results["quants"])
+    bpw = [rows[q]["bits_per_weight"] for q in QUANTS]
+    kld = [rows[q]["divergence"]["kld_mean"] for q in QUANTS]
+    top1 = [rows[q]["divergence"]["top1_agreement"] for q in QUANTS]
+    print("bpw", bpw, "mean KLD", kld, "top-1", top1)
+    assert bpw == sorted(bpw, reverse=True) and len(set(bpw)) == len(bpw)
+    assert all(a < b for a, b in zip(kld, kld[1:])), kld
+    assert all(a > b for a, b in zip(top1, top1[1:])), top1
+    assert kld[0] > 0
+
+
+def test_demo_speed_rows_are_consistent(results: dict[str, Any]) -> None:
+    for q in results["quants"]:
+        speed = q["speed"]
+        assert speed["identical"] is True, q["type"]
+        assert speed["plain_tokens_per_second"] > 0 and speed["mtp_tokens_per_second"] > 0
+        assert 0 <= speed["acceptance_rate"] <= 1 and 0 <= speed["mean_accepted"] <= speed["draft_len"]
+
+
+def test_reference_against_itself_is_exact(results: dict[str, Any]) -> None:
+    (reference,) = [q for q in results["quants"] if q["type"].endswith("(reference)")]
+    div = reference["divergence"]
+    for key in ("kld_mean", "kld_median", "kld_p99", "kld_p999", "kld_max", "dp_mean", "dp_rms"):
+        assert abs(div[key]) < 1e-12, key
+    assert div["top1_agreement"] == 1.0
+    assert div["ppl_ratio"] == pytest.approx(1, abs=1e-12) and div["ppl"] == pytest.approx(div["ppl_ref"], rel=1e-12)
+    assert div["tokens"] == results["divergence_tokens"] > 0
+
+
+# 3. KLD against an independent float64 computation ----------------------------------------------------------------
+
+
+def log_probs(logits: np.ndarray, stored_as: type = np.float64) -> np.ndarray:
+    return log_softmax(logits.astype(np.float64), axis=-1).astype(stored_as).astype(np.float64)
+
+
+def independent_metrics(ref: np.ndarray, q: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """The divergence metrics from reference and quant log-probabilities, straight from their definitions."""
+    kld = (np.exp(ref) * (ref - q)).sum(axis=-1)
+    at = np.arange(len(targets))
+    nll, nll_ref = -q[at, targets], -ref[at, targets]
+    dp = np.exp(-nll) - np.exp(-nll_ref)
+    same = (ref.argmax(axis=-1) == q.argmax(axis=-1)).mean()
+    return {
+        "tokens": len(targets), "kld_mean": kld.mean(), "kld_mean_error": stats.sem(kld),
+        "kld_median": np.median(kld), "kld_p99": np.percentile(kld, 99), "kld_p999": np.percentile(kld, 99.9),
+        "kld_max": kld.max(), "top1_agreement": same, "top1_agreement_error": math.sqrt(same * (1 - same) / (len(kld) - 1)),
+        "ppl": math.exp(nll.mean()), "ppl_ref": math.exp(nll_ref.mean()), "ppl_ratio": math.exp(nll.mean() - nll_ref.mean()),
+        "dp_mean": dp.mean(), "dp_rms": math.sqrt((dp**2).mean()),
+    }
+
+
+def test_divergence_matches_numpy_on_llama_cpp_logits(demo_run: Path, processor) -> None:
+    settings = EvalSection(context=128, max_tokens=384, threads=1)
+    reference = load(gguf_file(demo_run, "F32"), settings.context, logits_all=True, threads=1)
+    quant = load(gguf_file(demo_run, "Q4_K_M"), settings.context, logits_all=True, threads=1)
+    tokens = evaluation_tokens(settings, load_recipe(demo_run / "recipe.yaml"), processor, reference)
+    windows = list(chunks(tokens, settings.context, reference.token_bos()))
+    ref_logits, targets = zip(*(scored_logits(reference, w) for w in windows), strict=True)
+    logits, predicted = zip(*(scored_logits(quant, w) for w in windows), strict=True)
+    np.testing.assert_array_equal(np.concatenate(predicted), np.concatenate(targets))
+    divergence = ft_divergence.Divergence()
+    for ref_window, window, window_targets in zip(ref_logits, logits, targets, strict=True):
+        stored = ft_divergence.log_softmax(ref_window).astype(np.float32)  # as eval.pipeline.reference_pass stores it
+        divergence.add(stored, window, window_targets)
+    ref_logits, logits, targets = (np.concatenate(x) for x in (ref_logits, logits, targets))
+    got = divergence.summary()
+    assert got["tokens"] == 3 * 63
+    # Both sides' log-probs are float32 in ft (the stored reference, and the quant's rounded to match it).
+    stored = independent_metrics(log_probs(ref_logits, np.float32), log_probs(logits, np.float32), targets)
+    assert 1e-4 < stored["kld_mean"] and stored["top1_agreement"] < 1  # a real difference to measure
+    assert got == pytest.approx(stored, rel=1e-6, abs=1e-12)
+    # Against exact float64 log-probs, float32 storage costs ~1e-8 nats per position.
+    exact = independent_metrics(log_probs(ref_logits), log_probs(logits), targets)
+    assert got == pytest.approx(exact, rel=1e-6, abs=5e-8)
+
+
+# 4. The exact-match scorer ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reply", "answer"), [
+    ("<|channel>thought\nIt is 5? No, 4.<channel|>4<turn|>", "4"),
+    ("Let me add.\nThe answer is **-4**.", "-4"),
+    ("Answer: A red circle.", "a red circle"),
+    ("First 2.\nAnswer: 2\nThen the answer is 3", "3"),
+    ("**Answer:** 12", "12"),
+    ("$42$.", "42"),
+    ("4.0", "4"),
+    ("-3", "-3"),
+    ("The answer is 1,000", "1000"),
+    ("  \"triangle\"  \n", "Triangle."),
+])
+def test_is_correct_accepts(reply: str, answer: str) -> None:
+    assert is_correct(reply, answer)
+
+
+@pytest.mark.parametrize(("reply", "answer"), [
+    ("The answer is 5.", "4"),
+    ("four", "4"),
+    ("-3", "3"),
+    ("<|channel>thought\nThe answer is 4<channel|>", "4"),  # only thoughts: no answer given
+    ("", "4"),
+    ("The answer is 4\nActually, the answer is 40", "4"),
+    ("a red square", "a red circle"),
+])
+def test_is_correct_rejects(reply: str, answer: str) -> None:
+    assert not is_correct(reply, answer)
+
+
+@pytest.mark.parametrize("reply", ["The final answer is: 7", "**Answer**: 7"])
+def test_extract_answer_line_variants(reply: str) -> None:
+    assert extract_answer(reply) == "7"
+
+
+def test_extract_answer_normalises() -> None:
+    assert extract_answer("Thinking...\n\n**The Answer Is $X$.**") == "x"
+    assert extract_answer("<|channel>thought\nlong\nlines<channel|>Blue.<turn|>") == "blue"
+    assert extract_answer("<|channel>only thinking<channel|>") == ""
+
+
+def wilson_closed_form(k: int, n: int, z: float) -> tuple[float, float]:
+    centre, half = k + z * z / 2, z * math.sqrt(k * (n - k) / n + z * z / 4)
+    return (centre - half) / (n + z * z), (centre + half) / (n + z * z)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (10, 10), (5, 10), (8, 10), (1, 50), (37, 40)])
+def test_wilson_interval(k: int, n: int) -> None:
+    got = wilson_interval(k, n)
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert got == pytest.approx((ci.low, ci.high), abs=1e-6)
+    assert got == pytest.approx(wilson_closed_form(k, n, stats.norm.ppf(0.975)), abs=1e-6)
+
+
+def test_wilson_interval_edges() -> None:
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0, abs=1e-12)
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_paired_flips() -> None:
+    reference = [True, True, False, False, True, False]
+    other = [True, False, True, False, False, True]
+    flips = paired_flips(reference, other)
+    assert (flips.lost, flips.gained) == (2, 2)
+    assert paired_flips(reference, reference) == paired_flips([], []) == Flips(0, 0)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_flips(reference, other[:-1])
+
+
+# 5. Corrupt files -------------------------------------------------------------------------------------------------
+
+
+def corrupt_copy(source: Path, dest: Path, how: str) -> Path:
+    data = source.read_bytes()
+    if how == "truncated":
+        data = data[:4096]
+    elif how == "bad magic":
+        data = b"\0" * 64 + data[64:]
+    else:  # a valid GGUF that llama.cpp rejects
+        at = data.index(b"gemma4", data.index(b"general.architecture"))
+        data = data[:at] + b"zzzzzz" + data[at + 6 :]
+    dest.write_bytes(data)
+    return dest
+
+
+@pytest.fixture(params=["truncated", "bad magic", "unknown architecture"])
+def corrupt(request, demo_run: Path, tmp_path: Path) -> Path:
+    return corrupt_copy(gguf_file(demo_run, "Q4_K_M"), tmp_path / "broken-Q4_K_M.gguf", request.param)
+
+
+@pytest.fixture(scope="module")
+def small_reference(demo_run: Path, processor, tmp_path_factory) -> tuple[list[int], np.memmap, np.ndarray]:
+    """Evaluation tokens and the reference pass of the demo at a 64-token context."""
+    reference = gguf_file(demo_run, "F32")
+    tokens = evaluation_tokens(SMALL, load_recipe(demo_run / "recipe.yaml"), processor, load(reference, 64, threads=1))
+    return (tokens, *reference_pass(reference, tokens, SMALL, tmp_path_factory.mktemp("ref") / "reference.npy"))
+
+
+def measure_small(path: Path, run: Path, small_reference, processor) -> dict[str, Any]:
+    tokens, ref, targets = small_reference
+    manifest = Manifest(run / "gguf" / "manifest.json")
+    return measure(path.stem, path, manifest, tokens, SMALL, ref, targets, [], processor, [], None, [])
+
+
+def test_corrupt_file_raises_eval_error_naming_it(corrupt: Path) -> None:
+    with pytest.raises(EvalError, match=re.escape(str(corrupt))):
+        load(corrupt, 64, threads=1)
+    with pytest.raises(EvalError, match=re.escape(str(corrupt))):
+        decode(corrupt, [2, 5, 6], 4, threads=1)
+
+
+def test_check_gguf_rejects_damaged_files(demo_run: Path, tmp_path: Path) -> None:
+    check_gguf(gguf_file(demo_run, "Q4_K_M"))
+    for how in ("truncated", "bad magic"):
+        broken = corrupt_copy(gguf_file(demo_run, "Q4_K_M"), tmp_path / f"{how}.gguf", how)
+        with pytest.raises(EvalError, match=re.escape(f"{broken}: not a valid GGUF file")):
+            check_gguf(broken)
+    with pytest.raises(EvalError, match="model file not found"):
+        check_gguf(tmp_path / "missing.gguf")
+
+
+def test_measure_reports_corrupt_file(corrupt: Path, demo_run: Path, small_reference, processor) -> None:
+    entry = measure_small(corrupt, demo_run, small_reference, processor)
+    assert set(entry) == {"type", "file", "error"}
+    assert entry["file"] == corrupt.name and str(corrupt) in entry["error"]
+
+
+def test_measure_of_valid_quant(demo_run: Path, small_reference, processor) -> None:
+    path = gguf_file(demo_run, "Q4_K_M")
+    entry = measure_small(path, demo_run, small_reference, processor)
+    assert "error" not in entry
+    assert entry["bits_per_weight"] == Manifest(demo_run / "gguf" / "manifest.json").entry(path.name)["bits_per_weight"]
+    assert entry["divergence"]["tokens"] == 2 * 31 and entry["divergence"]["kld_mean"] > 0
+
+
+# 6. MTP speculative decoding gives plain greedy's tokens ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["F32", "Q8_0"])
+def test_mtp_output_identical_to_plain(target: str, demo_run: Path, processor) -> None:
+    tokenizer, n_new, draft_len = processor.tokenizer, 24, 3
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for q in QUESTIONS]
+    assert len({tuple(p) for p in prompts}) == 20
+    path, drafter = gguf_file(demo_run, target), gguf_file(demo_run, "drafter-F32")
+    plain = [decode(path, p, n_new, threads=1) for p in prompts]
+    mtp = [decode(path, p, n_new, drafter, draft_len, threads=1) for p in prompts]
+    for a, b in zip(plain, mtp, strict=True):
+        assert len(a.tokens) == n_new and b.tokens == a.tokens
+        assert a.drafted == a.steps == 0 and 0 < b.drafted <= draft_len * b.steps
+        assert 1 + b.steps + b.accepted >= n_new  # each step yields its accepted drafts plus the target's token
+        assert 0 <= b.acceptance_rate <= 1 and 0 <= b.mean_accepted <= draft_len
+        assert a.tokens_per_second > 0 and b.tokens_per_second > 0
+    drafted, accepted, steps = (sum(getattr(d, k) for d in mtp) for k in ("drafted", "accepted", "steps"))
+    seconds = {mode: sum(d.seconds for d in runs) for mode, runs in (("plain", plain), ("mtp", mtp))}
+    made = len(prompts) * n_new
+    print(f"\n{target}: acceptance {accepted / drafted:.3f}, mean accepted {accepted / steps:.2f}, "
+          f"tokens/s MTP off {made / seconds['plain']:.0f}, MTP on {made / seconds['mtp']:.0f}")
+
+
+# 7. Rerunning `ft eval` ------------------------------------------------------------------------------------------
+
+
+def test_ft_eval_rerun_reuses_export(demo_run: Path, results: dict[str, Any], tmp_path: Path) -> None:
+    """A second `ft eval` of the demo run (a copy, one llama.cpp thread) re-exports nothing and rewrites the report."""
+    run = copy_run(demo_run, tmp_path, threads=1)
+    ggufs = sorted((run / "gguf").glob("*.gguf"))
+    before = {p: p.stat().st_mtime_ns for p in [*ggufs, *(run / "gguf" / "merged").iterdir()]}
+    report_before = (run / "eval" / "report.md").stat().st_mtime_ns
+    result = run_ft("eval", str(run))
+    assert result.returncode == 0, result.stderr
+    assert len(ggufs) == 8
+    for path in ggufs:
+        assert f"up to date: {path.name}" in result.stderr
+    assert not re.search(r"^writing ", result.stderr, re.MULTILINE | re.IGNORECASE), result.stderr
+    assert "merging" not in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert (run / "eval" / "report.md").stat().st_mtime_ns > report_before
+    again = json.loads((run / "eval" / "results.json").read_text())
+    assert again["settings"]["threads"] == 1
+    for old, new in zip(results["quants"], again["quants"], strict=True):
+        assert new["divergence"] == pytest.approx(old["divergence"], rel=1e-9, abs=1e-12), new["type"]
+        assert new["accuracy"] == old["accuracy"]
+
+
+def test_eval_without_prompts_still_reports(demo_run: Path, tmp_path: Path) -> None:
+    run = copy_run(demo_run, tmp_path, samples=0, heldout=False, quants=["Q8_0"], threads=1)
+    results = json.loads((evaluate_run(run) / "results.json").read_text())
+    assert [q["type"] for q in results["quants"]] == ["F32 (reference)", "Q8_0"]
+    assert all("divergence" in q and "error" not in q for q in results["quants"])

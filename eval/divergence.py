@@ -1,8 +1,8 @@
 """Distribution metrics of a quantized model against its 16-bit reference, streamed position by position.
 
 Definitions follow llama.cpp's `llama-perplexity --kl-divergence` (tools/perplexity/perplexity.cpp), so numbers are
-comparable with published tables, with two deliberate differences: ft keeps the reference log-probabilities exactly
-(float32 on disk, float64 in the sums) where llama.cpp stores them as 16-bit codes clipped 16 nats below the maximum,
+comparable with published tables, with two deliberate differences: ft keeps the log-probabilities of both models at
+float32 precision (float64 sums) where llama.cpp stores the reference as 16-bit codes clipped 16 nats below the maximum,
 and ft sums KL divergence over the whole vocabulary (llama.cpp drops terms whose reference log-probability is at or
 below -16, which are negligible). Per scored position t predicting token y:
 
@@ -18,7 +18,7 @@ f*(N-1) over the sorted values, as llama.cpp does.
     >>> import numpy as np
     >>> acc = Divergence()
     >>> logits = np.array([[2.0, 1.0, 0.0]])
-    >>> acc.add(log_softmax(logits), logits, np.array([0]))
+    >>> acc.add(log_softmax(logits).astype(np.float32), logits, np.array([0]))
     >>> acc.summary()["kld_mean"], acc.summary()["top1_agreement"]
     (0.0, 1.0)
 """

@@ -1,6 +1,8 @@
-"""`ft` command line: train, validate, schema.
+"""`ft` command line: train, quantize, eval, validate, schema.
 
     ft train recipes/demo.yaml [--resume] [KEY.PATH=VALUE ...]
+    ft quantize runs/demo
+    ft eval runs/demo
     ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
     ft schema > recipe.schema.json
 """

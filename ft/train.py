@@ -11,6 +11,7 @@ Run directory (`output.dir`):
     metrics.jsonl     every logged training and held-out loss, one JSON object a line
     loss.png          the loss curve
     summary.json      final numbers of the run
+    gguf/, eval/      written next by `ft quantize` and `ft eval` when the recipe has export / eval sections
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ FIRST_CHOICE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the quant the Modelfile p
 
 def resolve_run(target: Path) -> tuple[Path, Recipe]:
     """A run directory, or a recipe whose output.dir is one; the run must hold a finished adapter."""
-    if target.is_file():
+    if target.is_file() or target.suffix in (".yaml", ".yml"):
         recipe = load_recipe(target)
         run = recipe.output.dir
     else:

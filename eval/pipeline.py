@@ -193,7 +193,7 @@ def evaluate_run(target: Path) -> Path:
 
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=out))
     try:
-        tokens = evaluation_tokens(settings, recipe, processor, load(reference, 64, threads=settings.threads))
+        tokens = evaluation_tokens(settings, recipe, processor, load(reference, 64, vocab_only=True))
         console.print(f"reference pass over {len(tokens)} tokens")
         ref_logprobs, targets = reference_pass(reference, tokens, settings, scratch / "reference.f32")
         reference_correct = answers(reference, prompts, processor, settings) if prompts else []

@@ -72,8 +72,9 @@ def plain_cpu_kernels() -> Iterator[None]:
         llama_cpp.llama_cpp.llama_model_default_params = original
 
 
-def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None):
-    """A llama.cpp model with a context of n_ctx tokens (all positions' logits kept when logits_all)."""
+def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None, vocab_only: bool = False):
+    """A llama.cpp model with a context of n_ctx tokens (all positions' logits kept when logits_all); with
+    vocab_only, just its tokenizer (no weights are read)."""
     import llama_cpp
 
     check_gguf(path)
@@ -81,7 +82,7 @@ def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None =
     try:
         with plain_cpu_kernels():
             return llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=logits_all,
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=logits_all, vocab_only=vocab_only,
             n_threads=threads or os.cpu_count(), n_gpu_layers=-1, seed=0, verbose=False,
         )
     except (ValueError, RuntimeError) as exc:

@@ -20,7 +20,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import AutoProcessor, Gemma4UnifiedForConditionalGeneration, ProcessorMixin
 
 from ft.errors import ModelError
-from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny
+from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny, tiny_processor
 
 MODEL_TYPE = "gemma4_unified"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -68,8 +68,10 @@ def locate(name: str) -> str:
 
 
 def load_processor(name: str, image_soft_tokens: int = 280) -> ProcessorMixin:
+    """The model's processor alone (no weights are loaded)."""
     if name.startswith(TINY_PREFIX):
-        _, processor = build_tiny(_tiny_name(name))
+        _tiny_name(name)  # checks the name
+        processor = tiny_processor()
     else:
         try:
             processor = AutoProcessor.from_pretrained(locate(name))
@@ -95,10 +97,9 @@ def load_model(
         model, processor = build_tiny(_tiny_name(name))
         model = model.to(torch_dtype)
     else:
-        where = locate(name)
+        processor = load_processor(name)
         try:
-            processor = AutoProcessor.from_pretrained(where)
-            model = Gemma4UnifiedForConditionalGeneration.from_pretrained(where, dtype=torch_dtype)
+            model = Gemma4UnifiedForConditionalGeneration.from_pretrained(locate(name), dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load model '{name}': {exc}") from None
     processor.image_processor.max_soft_tokens = image_soft_tokens

@@ -1,13 +1,19 @@
 """Decode speed at batch 1 with the MTP drafter off and on: 12B-shaped random target (Q4_K_M, Q8_0) and drafter.
 
-Runs after `bench.export_12b --stage ...` left its GGUF files and merged config in --work. A random drafter of the
-12B drafter's shape is written and converted with ft's converter, then each target decodes the same prompts with
-plain greedy decoding and with MTP speculative decoding (ft's eval.mtp), in the same process. With random weights
-the drafter's guesses are almost never accepted, so this measures the machinery and its overhead, not the speed-up
-a trained drafter gives; the report says so. MTP output must equal plain output token for token.
+Stage `inputs` (no llama.cpp needed, so it can run while llama-cpp-python builds): a random checkpoint of the
+target's shape (numbers drawn on the GPU when there is one), converted to BF16 GGUF with ft's converter, a random
+drafter of the 12B drafter's shape converted the same way, and the tokenized prompts. Stage `measure` quantizes the
+targets that are missing (llama.cpp's quantizer, on the CPU) and then decodes the same prompts with plain greedy
+decoding and with MTP speculative decoding (ft's eval.mtp), in the same process. Every step skips work whose file
+is already there, so a stage cut off by a call's time limit resumes. With random weights the drafter's guesses are
+almost never accepted, so this measures the machinery and its overhead, not the speed-up a trained drafter gives;
+the report says so. MTP output must equal plain output token for token; on a GPU it can differ where the target's
+top two tokens nearly tie (batched and one-row kernels round differently), so each run also decodes plainly in
+batches padded to the verify step's width, which MTP must match exactly, and reports each divergence's logit lead.
 
-    python -m bench.eval_speed --work /tmp/export12b                 # on the device machine, CUDA llama.cpp
-    python -m bench.eval_speed --work /tmp/x --shape tiny            # a quick check of the script itself
+    python -m bench.eval_speed --work /tmp/s12 --stage inputs        # on the device machine, while llama.cpp builds
+    python -m bench.eval_speed --work /tmp/s12 --stage measure       # then, with the CUDA build of llama-cpp-python
+    python -m bench.eval_speed --work /tmp/x --shape tiny            # a quick check of the script itself (CPU)
 
 Writes bench/results/eval_speed.json (or --out) and prints a table.
 """
@@ -18,14 +24,29 @@ import argparse
 import datetime
 import json
 import multiprocessing
+import time
 from pathlib import Path
-
-from eval.mtp import decode
 
 PROMPT = "<bos><|turn>user\nWrite a short story about a lighthouse keeper and a storm.<turn|>\n<|turn>model\n"
 
 
+def target_gguf(work: Path, shape: str) -> None:
+    """The target checkpoint (config and tokenizer kept for the drafter) and its BF16 GGUF, weights then deleted."""
+    import torch
+
+    from bench.shapes import config_12b, write_checkpoint
+    from ft.tiny import build_tiny
+    from quantize.gguf_lm import write_language_model
+
+    config = config_12b() if shape == "12b" else build_tiny()[0].config
+    write_checkpoint(work / "merged", config, device="cuda" if torch.cuda.is_available() else "cpu")
+    write_language_model(work / "merged", work / "model-BF16.gguf", "BF16")
+    for shard in (work / "merged").glob("*.safetensors"):
+        shard.unlink()
+
+
 def drafter_gguf(work: Path, shape: str) -> None:
+    import torch
     from transformers import Gemma4UnifiedAssistantForCausalLM
 
     from bench.shapes import drafter_config_12b, write_weights
@@ -34,7 +55,8 @@ def drafter_gguf(work: Path, shape: str) -> None:
 
     drafter_dir = work / "drafter"
     if shape == "12b":
-        write_weights(Gemma4UnifiedAssistantForCausalLM, drafter_config_12b(), drafter_dir)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        write_weights(Gemma4UnifiedAssistantForCausalLM, drafter_config_12b(), drafter_dir, device=device)
     else:
         save_tiny_drafter(drafter_dir)
     write_drafter(drafter_dir, work / "merged", work / "drafter-BF16.gguf", "BF16")
@@ -60,9 +82,17 @@ def in_child(function, *args) -> None:
         raise SystemExit(f"{function.__name__} failed with exit code {process.exitcode}")
 
 
-def main() -> None:
-    import llama_cpp
+def make_inputs(work: Path, shape: str, n_prompts: int) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "model-BF16.gguf").is_file():
+        in_child(target_gguf, work, shape)
+    if not (work / "drafter-BF16.gguf").is_file():
+        in_child(drafter_gguf, work, shape)
+    if not (work / "prompts.json").is_file():
+        in_child(prompt_tokens, work, n_prompts)
 
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_speed.json")
@@ -71,20 +101,34 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--draft", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--stage", choices=["inputs", "measure", "all"], default="all")
+    parser.add_argument("--no-explain", dest="explain", action="store_false",
+                        help="skip decoding differing prompts again to report each divergence's logit lead")
     args = parser.parse_args()
+    if args.stage in ("inputs", "all"):
+        make_inputs(args.work, args.shape, args.prompts)
+    if args.stage in ("measure", "all"):
+        measure(args)
 
-    in_child(drafter_gguf, args.work, args.shape)
+
+def measure(args: argparse.Namespace) -> None:
+    from eval.mtp import decode_all, mismatches
+    from quantize.llama_quant import quantize
+
     drafter = args.work / "drafter-BF16.gguf"
-    in_child(prompt_tokens, args.work, args.prompts)
-    prompts = json.loads((args.work / "prompts.json").read_text())
+    prompts = json.loads((args.work / "prompts.json").read_text())[: args.prompts]
     rows = []
     for target in args.targets:
         path = args.work / f"model-{target}.gguf"
-        decode(path, prompts[0], 8)  # warm-up: load, allocate and run every kernel once
-        plain = [decode(path, p, args.tokens) for p in prompts]
+        if not path.is_file():
+            started = time.perf_counter()
+            quantize(args.work / "model-BF16.gguf", path, target)
+            print(f"quantized {target} in {time.perf_counter() - started:.0f} s", flush=True)
+        plain = decode_all(path, prompts, args.tokens)
         plain_tps = sum(d.timed_tokens for d in plain) / sum(d.seconds for d in plain)
         for draft_len in args.draft:
-            mtp = [decode(path, p, args.tokens, drafter, draft_len) for p in prompts]
+            mtp = decode_all(path, prompts, args.tokens, drafter, draft_len)
+            padded = decode_all(path, prompts, args.tokens, pad_to=draft_len + 1)
             drafted = sum(d.drafted for d in mtp)
             row = {
                 "target": target, "draft_len": draft_len, "plain_tokens_per_second": plain_tps,
@@ -92,17 +136,45 @@ def main() -> None:
                 "acceptance_rate": sum(d.accepted for d in mtp) / drafted if drafted else 0.0,
                 "mean_accepted": sum(d.accepted for d in mtp) / sum(d.steps for d in mtp),
                 "identical": all(a.tokens == b.tokens for a, b in zip(plain, mtp, strict=True)),
+                # With nothing accepted, MTP's target runs exactly the batches of plain decoding padded to the
+                # verify width, so equality here shows the protocol is exact and any difference is batch rounding.
+                "identical_to_padded_plain": all(a.tokens == b.tokens for a, b in zip(padded, mtp, strict=True)),
+                "mismatches": mismatches(path, prompts, plain, mtp, drafter, draft_len) if args.explain else None,
             }
             row["mtp_over_plain"] = row["mtp_tokens_per_second"] / plain_tps
             rows.append(row)
             print(f"{target:7s} draft {draft_len}: plain {plain_tps:7.1f} tok/s  MTP {row['mtp_tokens_per_second']:7.1f} "
                   f"tok/s ({row['mtp_over_plain']:.2f}x)  acceptance {row['acceptance_rate']:.3f}  "
-                  f"identical {row['identical']}", flush=True)
+                  f"identical {row['identical']}  identical to padded plain {row['identical_to_padded_plain']}",
+                  flush=True)
+            for m in row["mismatches"] or []:
+                print(f"  prompt {m['prompt']} differs from token {m['token']}: lead of the top token "
+                      f"{m['plain_margin']:.4g} (MTP off), {m['mtp_margin']:.4g} (MTP on)", flush=True)
+            write_result(args, len(prompts), rows)  # after every row: a run cut off by a time limit keeps its rows
+
+
+def write_result(args: argparse.Namespace, n_prompts: int, rows: list[dict]) -> None:
+    import llama_cpp
+
+    from ft.atomic import write_text
+
     result = {"benchmark": "eval_speed", "shape": args.shape, "date": datetime.date.today().isoformat(),
-              "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()), "prompts": args.prompts,
-              "tokens": args.tokens, "llama_cpp_python": llama_cpp.__version__, "rows": rows}
+              "device": _device_name(), "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+              "prompts": n_prompts, "tokens": args.tokens, "llama_cpp_python": llama_cpp.__version__, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
+
+
+def _device_name() -> str:
+    """The GPU's name from nvidia-smi (torch stays out of this process), else the CPU's."""
+    import platform
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

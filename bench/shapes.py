@@ -65,15 +65,19 @@ def _disk_name(name: str) -> str:
 def _random(shape: torch.Size, name: str, generator: torch.Generator) -> torch.Tensor:
     if len(shape) == 1 or name.endswith("layer_scalar"):
         return torch.ones(shape, dtype=torch.bfloat16)
-    return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+    device = generator.device
+    return (torch.randn(shape, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
 
 
-def write_weights(model_cls: type, config: object, directory: Path, seed: int = 0) -> Path:
-    """Random bf16 weights for `model_cls(config)`, in shards of about 4 GiB, with an index."""
+def write_weights(model_cls: type, config: object, directory: Path, seed: int = 0, device: str = "cpu") -> Path:
+    """Random bf16 weights for `model_cls(config)`, in shards of about 4 GiB, with an index.
+
+    device="cuda" draws the numbers on the GPU (seconds instead of minutes for 12B); the files are the same kind.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         meta = model_cls(config)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
     names = [(n, t.shape) for n, t in meta.state_dict().items() if n not in tied]
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -104,9 +108,9 @@ def _flush(shards: list[dict[str, torch.Tensor]], directory: Path) -> None:
     shards.append({})
 
 
-def write_checkpoint(directory: Path, config: Gemma4UnifiedConfig, seed: int = 0) -> Path:
+def write_checkpoint(directory: Path, config: Gemma4UnifiedConfig, seed: int = 0, device: str = "cpu") -> Path:
     """A complete random checkpoint folder: weights, config, and a processor with a 262144-token tokenizer."""
-    write_weights(Gemma4UnifiedForConditionalGeneration, config, directory, seed)
+    write_weights(Gemma4UnifiedForConditionalGeneration, config, directory, seed, device)
     tokenizer = tiny_tokenizer(config.text_config.vocab_size)
     Gemma4UnifiedProcessor(
         feature_extractor=Gemma4UnifiedAudioFeatureExtractor(), image_processor=Gemma4UnifiedImageProcessor(),

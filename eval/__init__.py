@@ -1,1 +1,3 @@
-"""Quant-sensitivity evaluation (KL divergence, accuracy, decode speed): see the roadmap in docs/."""
+"""Quant-sensitivity evaluation (KL divergence, accuracy, decode speed): see docs/DESIGN.md."""
+
+import ft  # noqa: F401  (loads llama.cpp before numpy: see ft/__init__.py)

@@ -106,6 +106,8 @@ def markdown(results: dict[str, Any]) -> str:
               f"{q['speed'].get('acceptance_rate', float('nan')):.3f}",
               f"{q['speed'].get('mean_accepted', float('nan')):.2f}", q["speed"].get("identical", "")]
              for q in quants if q.get("speed")]
+    flips = [[q["type"], m["prompt"], m["token"], f"{m['plain_margin']:.4g}", f"{m['mtp_margin']:.4g}"]
+             for q in quants for m in q.get("speed", {}).get("mismatches", [])]
     errors = [[q["type"], q["error"]] for q in quants if "error" in q]
     settings = "\n".join(f"- {k}: `{v}`" for k, v in results["settings"].items())
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
@@ -125,6 +127,11 @@ def markdown(results: dict[str, Any]) -> str:
         "## Decode speed, batch 1",
         _table(["type", "tok/s MTP off", "tok/s MTP on", "acceptance", "mean accepted", "MTP output identical"], speed),
     ]
+    if flips:
+        parts += ["### Where MTP output differed from plain decoding",
+                  "lead = top-1 minus top-2 logit of the target at that token; near 0 in both modes means a tie that "
+                  "kernel rounding broke differently, not a protocol error.",
+                  _table(["type", "prompt", "token", "lead, MTP off", "lead, MTP on"], flips)]
     if errors:
         parts += ["## Files that could not be evaluated", _table(["type", "error"], errors)]
     parts.append("Plots: `divergence.png`, `accuracy.png`, `speed.png`.")

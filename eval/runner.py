@@ -21,10 +21,13 @@ class EvalError(FtError):
 
 
 def _quiet() -> None:
-    """Silence llama.cpp's C-side logging (it writes straight to stderr otherwise)."""
+    """Silence llama.cpp's C-side logging (it writes straight to stderr otherwise); FT_LLAMA_LOG=1 keeps it."""
     import ctypes
 
     import llama_cpp
+
+    if os.environ.get("FT_LLAMA_LOG") == "1":
+        return
 
     @llama_cpp.llama_log_callback
     def _drop(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:

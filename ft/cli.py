@@ -1,9 +1,10 @@
-"""`ft` command line: train, quantize, eval, validate, schema.
+"""`ft` command line: train, quantize, eval, validate, plan, schema.
 
     ft train recipes/demo.yaml [--resume] [KEY.PATH=VALUE ...]
     ft quantize runs/demo
     ft eval runs/demo
     ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
+    ft plan recipes/gemma4-12b-qlora.yaml [KEY.PATH=VALUE ...]
     ft schema > recipe.schema.json
 """
 
@@ -93,6 +94,27 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {recipe}")
+
+
+@app.command()
+def plan(recipe: RecipeArg, overrides: Overrides = None) -> None:
+    """Estimate the run's peak GPU memory from the model's config (no weights, no data) and check it against
+    train.memory_budget_gb; exits 2 when it does not fit."""
+    try:
+        loaded = load_recipe(recipe, overrides)
+        from ft.memory import check_budget, plan_for
+        from ft.models import load_config
+
+        with loaded.blame("model.name"):
+            config = load_config(loaded.model.name)
+        estimate = plan_for(loaded, config)
+        check_budget(loaded, estimate)  # its error carries the table
+    except FtError as exc:
+        _fail(exc)
+    err.print(f"{recipe}: {estimate.backend} backend, {'4-bit' if estimate.quantized else 'bf16'} base, a step of "
+              f"{loaded.train.batch_size} x {loaded.data.max_seq_length} tokens (the recipe's worst case)\n"
+              f"{estimate.table()}", highlight=False, soft_wrap=True)
+    err.print(f"[green]ok[/]: fits {loaded.train.memory_budget_gb:g} GiB")
 
 
 @app.command()

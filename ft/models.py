@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoProcessor, Gemma4UnifiedForConditionalGeneration, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    Gemma4UnifiedForConditionalGeneration,
+    PretrainedConfig,
+    ProcessorMixin,
+)
 
 from ft.errors import ModelError
 from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny, tiny_processor
@@ -79,6 +85,16 @@ def load_processor(name: str, image_soft_tokens: int = 280) -> ProcessorMixin:
             raise ModelError(f"cannot load the processor of model '{name}': {exc}") from None
     processor.image_processor.max_soft_tokens = image_soft_tokens
     return processor
+
+
+def load_config(name: str) -> PretrainedConfig:
+    """The model's config alone (no weights, no processor): what the memory planner needs."""
+    if name.startswith(TINY_PREFIX):
+        return build_tiny(_tiny_name(name))[0].config
+    try:
+        return AutoConfig.from_pretrained(locate(name))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the config of model '{name}': {exc}") from None
 
 
 def _tiny_name(name: str) -> str:

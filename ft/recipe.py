@@ -78,7 +78,7 @@ class LoraSection(Section):
 
 class TrainSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
-        "auto", description="auto picks unsloth on CUDA and transformers+peft elsewhere."
+        "auto", description="auto is transformers+peft (hf); unsloth is planned for CUDA but not in this release."
     )
     seed: int = Field(0, ge=0, description="Seeds weights of new LoRA layers, data order and dropout.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
@@ -95,6 +95,9 @@ class TrainSection(Section):
     save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    group_by_length: bool = Field(
+        True, description="Batch rows of similar token length together (less padding); the order stays shuffled."
+    )
     memory_budget_gb: float = Field(16.0, gt=0, description="GPU memory the run may use (checked on CUDA).")
 
     @field_validator("warmup_steps")

@@ -31,12 +31,14 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
+from ft.batching import LengthGroupedEpochSampler, padding_share
 from ft.callbacks import MetricsLog, RichProgress, read_metrics
 from ft.data import Row, load_rows
 from ft.encode import EncodedRows, collate
 from ft.errors import FtError
 from ft.lora import apply_lora, lora_modules
-from ft.models import default_device, load_model
+from ft.memory import check_budget, plan_for
+from ft.models import default_device, load_config, load_model, load_processor
 from ft.plots import loss_curve
 from ft.recipe import Recipe
 from ft.validate import check_rows
@@ -45,13 +47,18 @@ console = Console(stderr=True)
 
 
 class AtomicCheckpointTrainer(Trainer):
-    """A Trainer whose checkpoints appear under `checkpoint-N` only when complete.
+    """A Trainer whose checkpoints appear under `checkpoint-N` only when complete, and that batches rows of
+    similar length together when given a sampler (`ft.batching`).
 
     transformers writes a checkpoint file by file into its final folder, so a kill mid-save leaves a folder that
     `--resume` would pick up and fail on. Here each checkpoint is written into a hidden staging folder and renamed.
     """
 
     _staging: Path | None = None
+    train_sampler: LengthGroupedEpochSampler | None = None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        return self.train_sampler or super()._get_train_sampler(train_dataset)
 
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -100,9 +107,10 @@ def prepare_run_dir(recipe: Recipe, resume_from: Path | None) -> Path:
     return run
 
 
-def load_data(recipe: Recipe, processor: Any) -> tuple[list[Row], list[Row]]:
-    """Train and eval rows, every one checked; errors about the files themselves name the recipe key."""
-    loaded = []
+def load_data(recipe: Recipe, processor: Any) -> tuple[list[Row], list[Row], list[int]]:
+    """Train and eval rows, every one checked, and the train rows' token lengths; errors about the files
+    themselves name the recipe key."""
+    loaded, lengths = [], []
     for key in ("data.train", "data.eval"):
         path = getattr(recipe.data, key.split(".")[1])
         if path is None:
@@ -110,9 +118,10 @@ def load_data(recipe: Recipe, processor: Any) -> tuple[list[Row], list[Row]]:
             continue
         with recipe.blame(key):
             rows = load_rows(path)
-        check_rows(rows, processor, recipe.data.max_seq_length, key.split(".")[1])
+        measured = check_rows(rows, processor, recipe.data.max_seq_length, key.split(".")[1])
+        lengths = lengths or measured
         loaded.append(rows)
-    return loaded[0], loaded[1]
+    return loaded[0], loaded[1], lengths
 
 
 def wandb_mode(setting: str) -> str:
@@ -160,7 +169,8 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> TrainingA
     )
 
 
-def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, modules: list[str]) -> dict[str, Any]:
+def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, modules: list[str],
+              pad_share: float | None) -> dict[str, Any]:
     evals = [r for r in records if "eval_loss" in r]
     losses = [r for r in records if "loss" in r]
     summary: dict[str, Any] = {
@@ -171,6 +181,7 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
         "eval_loss_last": evals[-1]["eval_loss"] if evals else None,
         "seconds": round(seconds, 1),
         "lora_modules": len(modules),
+        "pad_share": None if pad_share is None else round(pad_share, 4),  # first epoch's micro-batches, grouped
         "adapter": "adapter",
     }
     if evals and evals[0]["eval_loss"]:
@@ -187,8 +198,15 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     last_checkpoint = checkpoint_to_resume(recipe, resume)
     set_seed(recipe.train.seed)
     with recipe.blame("model.name"):
+        processor = load_processor(recipe.model.name, recipe.data.image_soft_tokens)
+    train_rows, eval_rows, lengths = load_data(recipe, processor)
+    if device == "cuda":  # refuse before loading any weights; the budget is GPU memory
+        with recipe.blame("model.name"):
+            config = load_config(recipe.model.name)
+        # A batch of the longest rows bounds every step (and grouping by length makes such a batch likely).
+        check_budget(recipe, plan_for(recipe, config, recipe.train.batch_size * max(lengths)))
+    with recipe.blame("model.name"):
         model, processor = load_model(recipe.model.name, recipe.model.dtype, device, recipe.data.image_soft_tokens)
-    train_rows, eval_rows = load_data(recipe, processor)
     run = prepare_run_dir(recipe, last_checkpoint)
 
     model = apply_lora(model, recipe.lora)
@@ -203,6 +221,10 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         callbacks=[metrics, RichProgress()],
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its raw dict prints
+    pad_share = None
+    if recipe.train.group_by_length:
+        trainer.train_sampler = LengthGroupedEpochSampler(lengths, recipe.train.batch_size, recipe.train.seed)
+        pad_share = padding_share(lengths, list(trainer.train_sampler), recipe.train.batch_size)
     if last_checkpoint is None:
         if eval_rows:
             trainer.evaluate()
@@ -218,7 +240,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         model.save_pretrained(tmp, save_embedding_layers=False)  # embeddings are never trained here
     records = read_metrics(run / "metrics.jsonl")
     loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
-    summary = summarize(recipe, records, time.time() - started, modules)
+    summary = summarize(recipe, records, time.time() - started, modules, pad_share)
     write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     if recipe.export is not None:
         from quantize.pipeline import export_run

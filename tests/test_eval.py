@@ -26,6 +26,7 @@ from eval import divergence as ft_divergence
 from eval.accuracy import Flips, extract_answer, is_correct, paired_flips, wilson_interval
 from eval.mtp import Decoded, Decoder, decode_all, divergence, mismatches
 from eval.pipeline import evaluate_run, evaluation_tokens, measure, reference_pass
+from eval.report import markdown
 from eval.runner import EvalError, check_gguf, chunks, load, plain_cpu_kernels, scored_logits
 from ft.recipe import EvalSection
 from ft.recipe_io import load_recipe
@@ -83,6 +84,16 @@ def test_demo_report_files(demo_run: Path) -> None:
     assert json.loads((out / "results.json").read_text())["quants"]
     for plot in ("divergence.png", "accuracy.png", "speed.png"):
         assert (out / plot).read_bytes()[:8] == PNG_MAGIC, plot
+
+
+def test_report_lists_where_mtp_output_differed(results: dict[str, Any]) -> None:
+    assert "Where MTP output differed" not in markdown(results)  # the demo's quantized targets are identical
+    changed = json.loads(json.dumps(results))
+    changed["quants"][0]["speed"]["mismatches"] = [{"prompt": 3, "token": 7, "plain_margin": 0.0021,
+                                                     "mtp_margin": 0.0004}]
+    text = markdown(changed)
+    assert "### Where MTP output differed from plain decoding" in text
+    assert f"| {changed['quants'][0]['type']} | 3 | 7 | 0.0021 | 0.0004 |" in text
 
 
 def test_demo_quants_degrade_monotonically(results: dict[str, Any], rows: dict[str, dict[str, Any]]) -> None:

@@ -24,6 +24,7 @@ from typing import Self
 import numpy as np
 
 from eval.runner import EvalError, _quiet, check_gguf
+from quantize.llama_quant import backend_init
 
 
 @dataclass
@@ -53,18 +54,6 @@ class Decoded:
         return self.accepted / self.steps if self.steps else 0.0
 
 
-def _backend_init() -> None:
-    """Initialise llama.cpp's backends once per process, sharing llama_cpp.Llama's own once-only flag.
-
-    A second initialisation was followed by a crash in model loading with a CUDA build on the H100 machine.
-    """
-    import llama_cpp as L
-
-    if not getattr(L.Llama, "_Llama__backend_initialized", False):
-        L.llama_backend_init()
-        L.Llama._Llama__backend_initialized = True
-
-
 class _Model:
     """A model and one context over it, freed together."""
 
@@ -73,7 +62,7 @@ class _Model:
 
         check_gguf(path)
         _quiet()
-        _backend_init()
+        backend_init()
         model_params = L.llama_model_default_params()
         model_params.n_gpu_layers = 999  # all layers on the GPU when llama.cpp was built with one; ignored on CPU
         if not L.llama_supports_gpu_offload():

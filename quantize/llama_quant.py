@@ -97,12 +97,24 @@ def quantize(
     if overrides:
         params.tt_overrides = _override_array(overrides, keep_alive)
 
-    llama_cpp.llama_backend_init()
+    backend_init()
     with staged_file(Path(dst)) as tmp, _captured_llama_log() as messages:
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
             raise QuantizeError(f"llama.cpp could not quantize {src} to {qtype}: {_error_text(messages)}")
     return Path(dst)
+
+
+def backend_init() -> None:
+    """Initialise llama.cpp's backends once per process, sharing llama_cpp.Llama's own once-only flag, so that
+    quantizing and then loading models in one process (`ft eval` makes missing quants first) initialises once.
+
+    The crashes first blamed on a second initialisation (CUDA build, 12B model) turned out to come from numpy being
+    imported before llama_cpp (see ft/__init__.py); initialising once is still what llama.cpp asks for.
+    """
+    if not getattr(llama_cpp.Llama, "_Llama__backend_initialized", False):
+        llama_cpp.llama_backend_init()
+        llama_cpp.Llama._Llama__backend_initialized = True
 
 
 def _ftype(qtype: str) -> int:

@@ -6,8 +6,8 @@ that cannot fit, instead of dying in an out-of-memory error hours later; `ft pla
 The estimate adds up what a LoRA step keeps on the GPU (peak = `torch.cuda.max_memory_reserved()`):
 - base weights: every parameter counted on a meta-device model built from the checkpoint's config. A 4-bit base
   (QLoRA) holds the decoder's linear layers at 4.127 bits (NF4 with double-quantized absmax, blocks of 64) and the
-  rest in bf16, or in fp32 on the transformers path (peft's `prepare_model_for_kbit_training` upcasts them); an
-  unquantized base is bf16 throughout. ft's transformers path trains an unquantized base.
+  rest in bf16 (in fp32 after peft's `prepare_model_for_kbit_training`, which the measured transformers baseline
+  used and ft does not); an unquantized base is bf16 throughout.
 - LoRA: weights, gradients and AdamW's two moments, all fp32 (16 bytes per LoRA parameter).
 - activations per token: the bf16 input of each decoder layer kept for gradient checkpointing, plus one layer's
   working set while it is recomputed (4 hidden-wide and 3 MLP-wide bf16 rows). Without checkpointing every layer
@@ -18,7 +18,7 @@ The estimate adds up what a LoRA step keeps on the GPU (peak = `torch.cuda.max_m
 
 The two fitted constants come from peak reserved memory measured on an H100 with random weights of the exact 12B
 shape, r=16 on all language-model projections, batch 1 (issue #4; `tests/test_memory.py` holds the table): the
-estimate is within 5% of all 9 points, from 1024 to 8192 tokens and for a multimodal step, for both backends.
+estimate is within 5% of all 8 points, from 1024 to 8192 tokens and for a multimodal step, for both backends.
 
     >>> from ft.recipe import LoraSection
     >>> from ft.tiny import build_tiny
@@ -108,9 +108,10 @@ def count_parameters(config: object, lora: LoraSection) -> ParamCounts:
 
 
 def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool,
-             gradient_checkpointing: bool = True) -> MemoryPlan:
-    """Peak GPU memory of a LoRA step over `tokens` tokens (batch rows x padded length, soft tokens included)."""
-    other_bytes = 4 if quantized and backend == "hf" else 2
+             gradient_checkpointing: bool = True, kbit_upcast: bool = False) -> MemoryPlan:
+    """Peak GPU memory of a LoRA step over `tokens` tokens (batch rows x padded length, soft tokens included);
+    kbit_upcast: the non-quantized parameters were upcast to fp32 (peft's `prepare_model_for_kbit_training`)."""
+    other_bytes = 4 if kbit_upcast else 2
     weights = counts.quantizable * (NF4_BYTES if quantized else 2) + counts.other * other_bytes
     working = (4 * counts.hidden + 3 * counts.intermediate) * 2
     per_token = (counts.layers * counts.hidden * 2 + working) if gradient_checkpointing else counts.layers * working
@@ -131,7 +132,8 @@ def plan_for(recipe: Recipe, config: object, tokens: int | None = None) -> Memor
     max-length rows)."""
     backend: Backend = "unsloth" if recipe.train.backend == "unsloth" else "hf"
     tokens = tokens or recipe.train.batch_size * recipe.data.max_seq_length
-    return estimate(count_parameters(config, recipe.lora), tokens, backend, quantized=backend == "unsloth",
+    quantized = backend == "unsloth" or recipe.model.quantization in ("auto", "nf4")
+    return estimate(count_parameters(config, recipe.lora), tokens, backend, quantized,
                     gradient_checkpointing=recipe.train.gradient_checkpointing or backend == "unsloth")
 
 

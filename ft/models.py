@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoConfig,
     AutoProcessor,
+    BitsAndBytesConfig,
     Gemma4UnifiedForConditionalGeneration,
     PretrainedConfig,
     ProcessorMixin,
@@ -32,6 +34,20 @@ MODEL_TYPE = "gemma4_unified"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_quantization(name: str, device: str) -> str:
+    """`auto` is nf4 (QLoRA) on CUDA, where memory is the limit, and none elsewhere (exact and faster on a CPU)."""
+    return ("nf4" if device == "cuda" else "none") if name == "auto" else name
+
+
+def nf4_config(dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit NF4 with double-quantized absmax for the decoder's linear layers. The image and audio
+    projections stay unquantized (small, and LoRA targets in their own right), as does the tied output head."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=["model.embed_vision", "model.embed_audio", "lm_head"],  # prefixes of module names
+    )
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -105,21 +121,35 @@ def _tiny_name(name: str) -> str:
 
 
 def load_model(
-    name: str, dtype: str = "auto", device: str = "cpu", image_soft_tokens: int = 280
+    name: str, dtype: str = "auto", device: str = "cpu", image_soft_tokens: int = 280, quantization: str = "none"
 ) -> tuple[Gemma4UnifiedForConditionalGeneration, ProcessorMixin]:
-    """Load model and processor in the training dtype. Tiny models are built locally from `ft.tiny`."""
+    """Load model and processor in the training dtype, with an NF4 base when quantization says so. Tiny models are
+    built locally from `ft.tiny` (through a temporary checkpoint folder when quantized, as bitsandbytes quantizes
+    while loading)."""
     torch_dtype = resolve_dtype(dtype, device)
+    nf4 = resolve_quantization(quantization, device) == "nf4"
     if name.startswith(TINY_PREFIX):
         model, processor = build_tiny(_tiny_name(name))
         model = model.to(torch_dtype)
+        if nf4:
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                model = _from_pretrained(folder, name, torch_dtype, device, nf4)
     else:
         processor = load_processor(name)
-        try:
-            model = Gemma4UnifiedForConditionalGeneration.from_pretrained(locate(name), dtype=torch_dtype)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load model '{name}': {exc}") from None
+        model = _from_pretrained(locate(name), name, torch_dtype, device, nf4)
     processor.image_processor.max_soft_tokens = image_soft_tokens
-    return model.to(device), processor
+    return (model if nf4 else model.to(device)), processor
+
+
+def _from_pretrained(
+    source: str, name: str, dtype: torch.dtype, device: str, nf4: bool
+) -> Gemma4UnifiedForConditionalGeneration:
+    extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device}} if nf4 else {}
+    try:
+        return Gemma4UnifiedForConditionalGeneration.from_pretrained(source, dtype=dtype, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model '{name}': {exc}") from None
 
 
 def default_device() -> str:

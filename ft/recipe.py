@@ -48,6 +48,10 @@ class ModelSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for training; auto is float32 on CPU and bfloat16 on CUDA."
     )
+    quantization: Literal["auto", "nf4", "none"] = Field(
+        "auto", description="Base weights while training: nf4 is QLoRA (bitsandbytes 4-bit NF4, double-quantized) on "
+        "the decoder's linear layers; auto is nf4 on CUDA and none elsewhere."
+    )
 
 
 class DataSection(Section):

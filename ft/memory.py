@@ -4,21 +4,25 @@
 that cannot fit, instead of dying in an out-of-memory error hours later; `ft plan RECIPE` prints it anywhere.
 
 The estimate adds up what a LoRA step keeps on the GPU (peak = `torch.cuda.max_memory_reserved()`):
+Three ways to train are modelled: `hf` is ft's own transformers path, `unsloth` plain unsloth, and `transformers`
+the plain transformers + peft + bitsandbytes recipe that issue #4 measured as the baseline.
 - base weights: every parameter counted on a meta-device model built from the checkpoint's config. A 4-bit base
   (QLoRA) holds the decoder's linear layers at 4.127 bits (NF4 with double-quantized absmax, blocks of 64) and the
-  rest in bf16 (in fp32 after peft's `prepare_model_for_kbit_training`, which the measured transformers baseline
-  used and ft does not); an unquantized base is bf16 throughout.
+  rest in bf16 (in fp32 for `transformers`: peft's `prepare_model_for_kbit_training` upcasts them; ft does not);
+  an unquantized base is bf16 throughout.
 - LoRA: weights, gradients and AdamW's two moments, all fp32 (16 bytes per LoRA parameter).
 - activations per token: the bf16 input of each decoder layer kept for gradient checkpointing, plus one layer's
   working set while it is recomputed (4 hidden-wide and 3 MLP-wide bf16 rows). Without checkpointing every layer
   keeps its working set.
-- logits per token: with transformers, the bf16 logits, their fp32 copy, the softcap and the loss gradient over the
-  whole vocabulary (24 bytes per vocabulary entry, fitted below); unsloth's chunked cross-entropy keeps none.
+- logits: `transformers` keeps the bf16 logits, their fp32 copy, the softcap and the loss gradient over the whole
+  vocabulary for every token (24 bytes per vocabulary entry, fitted below); ft's loss (`ft.loss`) holds one chunk
+  of 256 labelled positions at a time (estimated at 18 bytes per entry: bf16 and fp32 logits, softcap, softmax,
+  gradient; not yet measured on a GPU); unsloth's fused cross-entropy keeps none beyond the slack.
 - a fixed 0.55 GiB for the allocator's slack and the kernels' workspaces (fitted below).
 
 The two fitted constants come from peak reserved memory measured on an H100 with random weights of the exact 12B
 shape, r=16 on all language-model projections, batch 1 (issue #4; `tests/test_memory.py` holds the table): the
-estimate is within 5% of all 8 points, from 1024 to 8192 tokens and for a multimodal step, for both backends.
+estimate is within 5% of all 8 points, from 1024 to 8192 tokens and for a multimodal step, for both of them.
 
     >>> from ft.recipe import LoraSection
     >>> from ft.tiny import build_tiny
@@ -39,15 +43,17 @@ from torch import nn
 
 from ft.errors import FtError
 from ft.lora import target_regex
+from ft.loss import CHUNK
 from ft.recipe import LoraSection, Recipe
 
 GIB = 1 << 30
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit absmax per 64, an fp32 scale per 256 absmax
 LORA_BYTES = 16  # fp32 weight, gradient and two AdamW moments
-LOGIT_BYTES = {"hf": 24, "unsloth": 0}  # per vocabulary entry per token
+FULL_LOGIT_BYTES = 24  # per vocabulary entry per token, transformers' own loss
+CHUNK_LOGIT_BYTES = 18  # per vocabulary entry per position of ft.loss's chunk
 SLACK_GIB = 0.55
 
-Backend = Literal["hf", "unsloth"]
+Backend = Literal["hf", "unsloth", "transformers"]
 
 
 @dataclass(frozen=True)
@@ -108,10 +114,10 @@ def count_parameters(config: object, lora: LoraSection) -> ParamCounts:
 
 
 def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool,
-             gradient_checkpointing: bool = True, kbit_upcast: bool = False) -> MemoryPlan:
-    """Peak GPU memory of a LoRA step over `tokens` tokens (batch rows x padded length, soft tokens included);
-    kbit_upcast: the non-quantized parameters were upcast to fp32 (peft's `prepare_model_for_kbit_training`)."""
-    other_bytes = 4 if kbit_upcast else 2
+             gradient_checkpointing: bool = True) -> MemoryPlan:
+    """Peak GPU memory of a LoRA step over `tokens` tokens (batch rows x padded length, soft tokens included)."""
+    other_bytes = 4 if quantized and backend == "transformers" else 2
+    logits = {"transformers": tokens * FULL_LOGIT_BYTES, "hf": min(tokens, CHUNK) * CHUNK_LOGIT_BYTES, "unsloth": 0}
     weights = counts.quantizable * (NF4_BYTES if quantized else 2) + counts.other * other_bytes
     working = (4 * counts.hidden + 3 * counts.intermediate) * 2
     per_token = (counts.layers * counts.hidden * 2 + working) if gradient_checkpointing else counts.layers * working
@@ -119,7 +125,7 @@ def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool
         weights=weights / GIB,
         lora=counts.lora * LORA_BYTES / GIB,
         activations=tokens * per_token / GIB,
-        logits=tokens * counts.vocab * LOGIT_BYTES[backend] / GIB,
+        logits=logits[backend] * counts.vocab / GIB,
         slack=SLACK_GIB,
         tokens=tokens,
         backend=backend,

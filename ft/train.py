@@ -37,6 +37,7 @@ from ft.data import Row, load_rows
 from ft.encode import EncodedRows, collate
 from ft.errors import FtError
 from ft.lora import apply_lora, lora_modules
+from ft.loss import causal_lm_loss
 from ft.memory import check_budget, plan_for
 from ft.models import default_device, load_config, load_model, load_processor
 from ft.plots import loss_curve
@@ -46,9 +47,10 @@ from ft.validate import check_rows
 console = Console(stderr=True)
 
 
-class AtomicCheckpointTrainer(Trainer):
-    """A Trainer whose checkpoints appear under `checkpoint-N` only when complete, and that batches rows of
-    similar length together when given a sampler (`ft.batching`).
+class RecipeTrainer(Trainer):
+    """transformers' Trainer with three changes: checkpoints appear under `checkpoint-N` only when complete, rows of
+    similar length are batched together when given a sampler (`ft.batching`), and the loss is computed over
+    labelled positions a chunk at a time (`ft.loss`), never as full-vocabulary logits for the whole batch.
 
     transformers writes a checkpoint file by file into its final folder, so a kill mid-save leaves a folder that
     `--resume` would pick up and fail on. Here each checkpoint is written into a hidden staging folder and renamed.
@@ -59,6 +61,17 @@ class AtomicCheckpointTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         return self.train_sampler or super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        # The decoder runs through the inner model (the LoRA layers sit inside it); the head and softcap are applied
+        # by ft.loss. Gemma 4 takes no loss kwargs, so the Trainer scales for gradient accumulation as before.
+        causal_lm = self.accelerator.unwrap_model(model).get_base_model()
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        hidden = causal_lm.model(**features).last_hidden_state
+        softcap = causal_lm.config.get_text_config().final_logit_softcapping
+        loss = causal_lm_loss(hidden, causal_lm.lm_head, inputs["labels"], softcap)
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -163,6 +176,7 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> TrainingA
         use_cpu=device == "cpu",
         remove_unused_columns=False,
         label_names=["labels"],
+        prediction_loss_only=True,  # held-out loss only: no logits gathered
         dataloader_num_workers=0,
         disable_tqdm=True,
         log_level="warning",
@@ -213,7 +227,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     model = apply_lora(model, recipe.lora)
     modules = lora_modules(model)
     metrics = MetricsLog(run / "metrics.jsonl")
-    trainer = AtomicCheckpointTrainer(
+    trainer = RecipeTrainer(
         model=model,
         args=training_arguments(recipe, device, bool(eval_rows)),
         train_dataset=EncodedRows(train_rows, processor),

@@ -19,7 +19,8 @@ from ft.tiny import tiny_processor
 from ft.validate import check_rows
 
 BATCH = 8
-WORDS = "the a lighthouse keeper storm wave light ship rock night sea wind rain harbour boat".split()
+WORDS = ["the", "a", "lighthouse", "keeper", "storm", "wave", "light", "ship", "rock", "night", "sea", "wind", "rain",
+         "harbour", "boat"]
 
 
 def mixed_dataset(folder: Path, n: int = 240, seed: int = 0) -> Path:

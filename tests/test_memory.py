@@ -20,7 +20,7 @@ from ft.tiny import build_tiny
 MEASURED = [
     ("unsloth", 1024, 9.2, 9.2), ("unsloth", 2048, 9.5, 9.5), ("unsloth", 4096, 10.3, 10.3),
     ("unsloth", 8192, 12.0, 12.0), ("unsloth", 2828, 9.9, 9.9),
-    ("hf", 1024, 17.3, 17.3), ("hf", 2048, 22.5, 24.3), ("hf", 4096, 37.0, 37.0),
+    ("transformers", 1024, 17.3, 17.3), ("transformers", 2048, 22.5, 24.3), ("transformers", 4096, 37.0, 37.0),
 ]
 
 
@@ -48,7 +48,7 @@ def test_parameter_counts_match_the_model_and_peft() -> None:
 
 @pytest.mark.parametrize(("backend", "tokens", "low", "high"), MEASURED)
 def test_estimate_matches_h100_measurements(counts_12b, backend: str, tokens: int, low: float, high: float) -> None:
-    plan = estimate(counts_12b, tokens, backend, quantized=True, kbit_upcast=backend == "hf")
+    plan = estimate(counts_12b, tokens, backend, quantized=True)
     assert 0.95 * low <= plan.total_gib <= 1.05 * high, plan.table()
 
 
@@ -67,4 +67,4 @@ def test_plan_refuses_a_recipe_over_budget(tmp_path: Path, config_dir_12b: Path)
 def test_flagship_recipe_fits_its_budget(config_dir_12b: Path) -> None:
     result = run_ft("plan", str(ROOT / "recipes" / "gemma4-12b-qlora.yaml"), f"model.name={config_dir_12b}")
     assert result.returncode == 0, result.stderr
-    assert "unsloth backend, 4-bit base" in result.stderr and "10.6" in result.stderr
+    assert "hf backend, 4-bit base, a step of 1 x 8192 tokens" in result.stderr and "13.6" in result.stderr

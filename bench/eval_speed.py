@@ -112,7 +112,7 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    from eval.mtp import decode_all, mismatches
+    from eval.mtp import decode_all, mismatches, mtp_summary
     from quantize.llama_quant import quantize
 
     drafter = args.work / "drafter-BF16.gguf"
@@ -125,26 +125,20 @@ def measure(args: argparse.Namespace) -> None:
             quantize(args.work / "model-BF16.gguf", path, target)
             print(f"quantized {target} in {time.perf_counter() - started:.0f} s", flush=True)
         plain = decode_all(path, prompts, args.tokens)
-        plain_tps = sum(d.timed_tokens for d in plain) / sum(d.seconds for d in plain)
         for draft_len in args.draft:
             mtp = decode_all(path, prompts, args.tokens, drafter, draft_len)
             padded = decode_all(path, prompts, args.tokens, pad_to=draft_len + 1)
-            drafted = sum(d.drafted for d in mtp)
             row = {
-                "target": target, "draft_len": draft_len, "plain_tokens_per_second": plain_tps,
-                "mtp_tokens_per_second": sum(d.timed_tokens for d in mtp) / sum(d.seconds for d in mtp),
-                "acceptance_rate": sum(d.accepted for d in mtp) / drafted if drafted else 0.0,
-                "mean_accepted": sum(d.accepted for d in mtp) / sum(d.steps for d in mtp),
-                "identical": all(a.tokens == b.tokens for a, b in zip(plain, mtp, strict=True)),
+                "target": target, "draft_len": draft_len, **mtp_summary(plain, mtp),
                 # With nothing accepted, MTP's target runs exactly the batches of plain decoding padded to the
                 # verify width, so equality here shows the protocol is exact and any difference is batch rounding.
                 "identical_to_padded_plain": all(a.tokens == b.tokens for a, b in zip(padded, mtp, strict=True)),
                 "mismatches": mismatches(path, prompts, plain, mtp, drafter, draft_len) if args.explain else None,
             }
-            row["mtp_over_plain"] = row["mtp_tokens_per_second"] / plain_tps
+            row["mtp_over_plain"] = row["mtp_tokens_per_second"] / row["plain_tokens_per_second"]
             rows.append(row)
-            print(f"{target:7s} draft {draft_len}: plain {plain_tps:7.1f} tok/s  MTP {row['mtp_tokens_per_second']:7.1f} "
-                  f"tok/s ({row['mtp_over_plain']:.2f}x)  acceptance {row['acceptance_rate']:.3f}  "
+            print(f"{target:7s} draft {draft_len}: plain {row['plain_tokens_per_second']:7.1f} tok/s  "
+                  f"MTP {row['mtp_tokens_per_second']:7.1f} tok/s ({row['mtp_over_plain']:.2f}x)  acceptance {row['acceptance_rate']:.3f}  "
                   f"identical {row['identical']}  identical to padded plain {row['identical_to_padded_plain']}",
                   flush=True)
             for m in row["mismatches"] or []:

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 
@@ -65,8 +65,7 @@ class _Model:
         backend_init()
         model_params = L.llama_model_default_params()
         model_params.n_gpu_layers = 999  # all layers on the GPU when llama.cpp was built with one; ignored on CPU
-        if not L.llama_supports_gpu_offload():
-            model_params.use_extra_bufts = False  # see eval.runner.plain_cpu_kernels; on a GPU build it crashed loads
+        model_params.use_extra_bufts = False  # see eval.runner.plain_cpu_kernels
         self.model = L.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise EvalError(f"{path}: llama.cpp cannot load it")
@@ -263,6 +262,28 @@ class Decoder:
         result.tokens = out[:n_new]
         del result.margins[n_new:]
         return result
+
+
+def tokens_per_second(runs: list[Decoded]) -> float:
+    """Timed tokens over timed seconds, across runs."""
+    return sum(d.timed_tokens for d in runs) / sum(d.seconds for d in runs)
+
+
+def mtp_summary(plain: list[Decoded], mtp: list[Decoded]) -> dict[str, Any]:
+    """Speed with MTP off and on over the same prompts, the drafter's acceptance, and whether outputs agree.
+
+    >>> s = mtp_summary([Decoded([1, 2, 3], 1.0)], [Decoded([1, 2, 3], 0.5, drafted=4, accepted=1, steps=2)])
+    >>> s["plain_tokens_per_second"], s["mtp_tokens_per_second"], s["acceptance_rate"], s["identical"]
+    (2.0, 4.0, 0.25, True)
+    """
+    drafted, accepted, steps = (sum(getattr(d, k) for d in mtp) for k in ("drafted", "accepted", "steps"))
+    return {
+        "plain_tokens_per_second": tokens_per_second(plain),
+        "mtp_tokens_per_second": tokens_per_second(mtp),
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_accepted": accepted / steps if steps else 0.0,
+        "identical": all(a.tokens == b.tokens for a, b in zip(plain, mtp, strict=True)),
+    }
 
 
 def decode_all(target: Path, prompts: list[list[int]], n_new: int, drafter: Path | None = None, draft_len: int = 3,

@@ -24,7 +24,7 @@ from rich.progress import Progress
 
 from eval.accuracy import is_correct, paired_flips, wilson_interval
 from eval.divergence import ROW_BLOCK, Divergence, log_softmax
-from eval.mtp import decode_all, mismatches
+from eval.mtp import decode_all, mismatches, mtp_summary, tokens_per_second
 from eval.report import write_report
 from eval.runner import EvalError, chunks, greedy, load, scored_logits
 from eval.tasks import Prompt, heldout_prompts, reasoning_prompts, text_only
@@ -130,19 +130,12 @@ def accuracy_table(results: list[bool], reference: list[bool], prompts: list[Pro
 def speed_of(path: Path, drafter: Path | None, prompts: list[list[int]], settings: EvalSection) -> dict[str, Any]:
     """Decode tokens/s with MTP off and (with a drafter) on, and whether both give the same tokens."""
     plain = decode_all(path, prompts, settings.speed_tokens, threads=settings.threads)
-    out: dict[str, Any] = {"plain_tokens_per_second": sum(d.timed_tokens for d in plain) / sum(d.seconds for d in plain)}
     if drafter is None:
-        return out
+        return {"plain_tokens_per_second": tokens_per_second(plain)}
     mtp = decode_all(path, prompts, settings.speed_tokens, drafter, settings.draft_len, settings.threads)
-    drafted, accepted, steps = (sum(getattr(d, k) for d in mtp) for k in ("drafted", "accepted", "steps"))
-    out.update(
-        mtp_tokens_per_second=sum(d.timed_tokens for d in mtp) / sum(d.seconds for d in mtp),
-        acceptance_rate=accepted / drafted if drafted else 0.0,
-        mean_accepted=accepted / steps if steps else 0.0,
-        identical=all(a.tokens == b.tokens for a, b in zip(plain, mtp, strict=True)),
-        mismatches=mismatches(path, prompts, plain, mtp, drafter, settings.draft_len, settings.threads),
-        draft_len=settings.draft_len,
-    )
+    out = mtp_summary(plain, mtp)
+    out.update(mismatches=mismatches(path, prompts, plain, mtp, drafter, settings.draft_len, settings.threads),
+               draft_len=settings.draft_len)
     return out
 
 

@@ -44,7 +44,8 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = get_length_grouped_indices(self.lengths, self.batch_size, MEGA_BATCHES, generator)
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        shuffled = [batches[0]] + [batches[1:][i] for i in torch.randperm(len(batches) - 1, generator=generator)]
+        first, rest = batches[0], batches[1:]
+        shuffled = [first] + [rest[i] for i in torch.randperm(len(rest), generator=generator)]
         return iter([i for batch in shuffled for i in batch])
 
 

@@ -111,7 +111,7 @@ def plan(recipe: RecipeArg, overrides: Overrides = None) -> None:
         check_budget(loaded, estimate)  # its error carries the table
     except FtError as exc:
         _fail(exc)
-    err.print(f"{recipe}: {estimate.backend} backend, {'4-bit' if estimate.quantized else 'bf16'} base, a step of "
+    err.print(f"{recipe}: {estimate.backend} backend, {estimate.base} base, a step of "
               f"{loaded.train.batch_size} x {loaded.data.max_seq_length} tokens (the recipe's worst case)\n"
               f"{estimate.table()}", highlight=False, soft_wrap=True)
     err.print(f"[green]ok[/]: fits {loaded.train.memory_budget_gb:g} GiB")

@@ -70,11 +70,15 @@ class MemoryPlan:
     quantized: bool
 
     @property
+    def base(self) -> str:
+        return "4-bit" if self.quantized else "bf16"
+
+    @property
     def total_gib(self) -> float:
         return self.weights + self.lora + self.activations + self.logits + self.slack
 
     def table(self) -> str:
-        rows = [(f"base weights ({'4-bit' if self.quantized else 'bf16'})", self.weights), ("LoRA weights, gradients, AdamW", self.lora),
+        rows = [(f"base weights ({self.base})", self.weights), ("LoRA weights, gradients, AdamW", self.lora),
                 (f"activations ({self.tokens} tokens a step)", self.activations),
                 ("logits and loss", self.logits), ("allocator slack, workspaces", self.slack),
                 ("total", self.total_gib)]
@@ -150,7 +154,7 @@ def check_budget(recipe: Recipe, plan: MemoryPlan) -> None:
         raise FtError(
             f"{recipe.where('train.memory_budget_gb')}: this run needs about {plan.total_gib:.1f} GiB of GPU memory, "
             f"more than the budget of {budget:g} GiB ({plan.backend} backend, "
-            f"{'4-bit' if plan.quantized else 'bf16'} base):\n{plan.table()}\n"
+            f"{plan.base} base):\n{plan.table()}\n"
             "Lower data.max_seq_length or train.batch_size (the largest step sets the peak), lower lora.r, turn on "
             "train.gradient_checkpointing, or raise train.memory_budget_gb if the GPU has more memory."
         )

@@ -3,7 +3,7 @@
 Nothing here reaches the network unless the user's machine is online and not in offline mode
 (`HF_HUB_OFFLINE=1`); a model that is neither local nor cached fails at once with where ft looked.
 
-    >>> model, processor = load_model("tiny-random:gemma4-unified")
+    >>> model = load_model("tiny-random:gemma4-unified")
     >>> type(model).__name__
     'Gemma4UnifiedForConditionalGeneration'
 """
@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ft.errors import ModelError
-from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny, tiny_processor
+from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny, tiny_config, tiny_processor
 
 MODEL_TYPE = "gemma4_unified"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -106,7 +106,8 @@ def load_processor(name: str, image_soft_tokens: int = 280) -> ProcessorMixin:
 def load_config(name: str) -> PretrainedConfig:
     """The model's config alone (no weights, no processor): what the memory planner needs."""
     if name.startswith(TINY_PREFIX):
-        return build_tiny(_tiny_name(name))[0].config
+        _tiny_name(name)  # checks the name
+        return tiny_config(tiny_processor().tokenizer)
     try:
         return AutoConfig.from_pretrained(locate(name))
     except (OSError, ValueError) as exc:
@@ -121,25 +122,21 @@ def _tiny_name(name: str) -> str:
 
 
 def load_model(
-    name: str, dtype: str = "auto", device: str = "cpu", image_soft_tokens: int = 280, quantization: str = "none"
-) -> tuple[Gemma4UnifiedForConditionalGeneration, ProcessorMixin]:
-    """Load model and processor in the training dtype, with an NF4 base when quantization says so. Tiny models are
-    built locally from `ft.tiny` (through a temporary checkpoint folder when quantized, as bitsandbytes quantizes
-    while loading)."""
+    name: str, dtype: str = "auto", device: str = "cpu", quantization: str = "none"
+) -> Gemma4UnifiedForConditionalGeneration:
+    """Load the model's weights in the training dtype, with an NF4 base when quantization says so (its processor
+    comes from `load_processor`). Tiny models are built locally from `ft.tiny` (through a temporary checkpoint folder
+    when quantized, as bitsandbytes quantizes while loading)."""
     torch_dtype = resolve_dtype(dtype, device)
     nf4 = resolve_quantization(quantization, device) == "nf4"
-    if name.startswith(TINY_PREFIX):
-        model, processor = build_tiny(_tiny_name(name))
-        model = model.to(torch_dtype)
-        if nf4:
-            with tempfile.TemporaryDirectory() as folder:
-                model.save_pretrained(folder)
-                model = _from_pretrained(folder, name, torch_dtype, device, nf4)
-    else:
-        processor = load_processor(name)
-        model = _from_pretrained(locate(name), name, torch_dtype, device, nf4)
-    processor.image_processor.max_soft_tokens = image_soft_tokens
-    return (model if nf4 else model.to(device)), processor
+    if not name.startswith(TINY_PREFIX):
+        return _from_pretrained(locate(name), name, torch_dtype, device, nf4)
+    model = build_tiny(_tiny_name(name))[0].to(torch_dtype)
+    if not nf4:
+        return model.to(device)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return _from_pretrained(folder, name, torch_dtype, device, nf4)
 
 
 def _from_pretrained(
@@ -147,9 +144,10 @@ def _from_pretrained(
 ) -> Gemma4UnifiedForConditionalGeneration:
     extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device}} if nf4 else {}
     try:
-        return Gemma4UnifiedForConditionalGeneration.from_pretrained(source, dtype=dtype, **extra)
+        model = Gemma4UnifiedForConditionalGeneration.from_pretrained(source, dtype=dtype, **extra)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{name}': {exc}") from None
+    return model if nf4 else model.to(device)  # a 4-bit model is placed by device_map and cannot be moved
 
 
 def default_device() -> str:

@@ -220,8 +220,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         # A batch of the longest rows bounds every step (and grouping by length makes such a batch likely).
         check_budget(recipe, plan_for(recipe, config, recipe.train.batch_size * max(lengths)))
     with recipe.blame("model.name"):
-        model, processor = load_model(recipe.model.name, recipe.model.dtype, device, recipe.data.image_soft_tokens,
-                                      recipe.model.quantization)
+        model = load_model(recipe.model.name, recipe.model.dtype, device, recipe.model.quantization)
     run = prepare_run_dir(recipe, last_checkpoint)
 
     model = apply_lora(model, recipe.lora)

@@ -25,7 +25,7 @@ TINY = "tiny-random:gemma4-unified"
 
 @pytest.fixture(scope="module")
 def nf4_model():
-    return load_model(TINY, "float32", "cpu", quantization="nf4")[0]
+    return load_model(TINY, "float32", "cpu", quantization="nf4")
 
 
 def test_decoder_linears_are_nf4_and_media_projections_are_not(nf4_model) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ft.models import load_model
+from ft.models import load_model, load_processor
 from ft.tiny import build_tiny, save_tiny
 
 
@@ -58,7 +58,8 @@ def test_saved_checkpoint_loads_through_the_real_path(tiny, tmp_path):
     """A local directory is what a real download looks like: load it the way users' models load."""
     model, processor = tiny
     directory = save_tiny(tmp_path / "gemma-4-tiny")
-    loaded, loaded_processor = load_model(str(directory), dtype="float32", device="cpu", image_soft_tokens=70)
+    loaded = load_model(str(directory), dtype="float32", device="cpu")
+    loaded_processor = load_processor(str(directory), image_soft_tokens=70)
     text = "<|turn>user\nHello there<turn|>\n<|turn>model\n"
     ids = processor.tokenizer(text, return_tensors="pt")
     assert torch.equal(ids["input_ids"], loaded_processor.tokenizer(text, return_tensors="pt")["input_ids"])

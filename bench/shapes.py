@@ -24,7 +24,7 @@ from transformers import (
     Gemma4UnifiedVideoProcessor,
 )
 
-from ft.tiny import tiny_tokenizer
+from ft.tiny import special_token_ids, tiny_tokenizer
 
 SHARD_BYTES = 4 << 30
 
@@ -109,9 +109,13 @@ def _flush(shards: list[dict[str, torch.Tensor]], directory: Path) -> None:
 
 
 def write_checkpoint(directory: Path, config: Gemma4UnifiedConfig, seed: int = 0, device: str = "cpu") -> Path:
-    """A complete random checkpoint folder: weights, config, and a processor with a 262144-token tokenizer."""
-    write_weights(Gemma4UnifiedForConditionalGeneration, config, directory, seed, device)
+    """A complete random checkpoint folder: weights, config, and a processor with a tokenizer of the config's
+    vocabulary size (262144 for 12B) whose special-token ids the saved config takes."""
     tokenizer = tiny_tokenizer(config.text_config.vocab_size)
+    text_ids, media_ids = special_token_ids(tokenizer)
+    config.text_config.update(text_ids)
+    config.update(media_ids)
+    write_weights(Gemma4UnifiedForConditionalGeneration, config, directory, seed, device)
     Gemma4UnifiedProcessor(
         feature_extractor=Gemma4UnifiedAudioFeatureExtractor(), image_processor=Gemma4UnifiedImageProcessor(),
         tokenizer=tokenizer, video_processor=Gemma4UnifiedVideoProcessor(), chat_template=tokenizer.chat_template,

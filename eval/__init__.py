@@ -1,3 +1,3 @@
 """Quant-sensitivity evaluation (KL divergence, accuracy, decode speed): see docs/DESIGN.md."""
 
-import ft  # noqa: F401  (loads llama.cpp before numpy: see ft/__init__.py)
+import llama_cpp  # noqa: F401  (loaded before numpy: see quantize/__init__.py)

@@ -1,12 +1,14 @@
-"""Trainer callbacks: a rich progress bar and the run's own metrics log (JSONL, independent of wandb)."""
+"""Trainer callbacks: a rich progress bar, the run's own metrics log (JSONL, independent of wandb), and a step clock."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -81,3 +83,40 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+class StepClock(TrainerCallback):
+    """Wall time and trained tokens of every optimizer step, for summary.json's throughput.
+
+    The trainer adds each micro-batch's non-pad tokens to `tokens`; on CUDA the clock waits for the GPU at both ends
+    of a step, so that a step's time is its own.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.steps: list[tuple[float, int]] = []  # (seconds, tokens) per optimizer step
+        self.first_step_end: float | None = None  # time.time() when the first step of this process ended
+        self._begin = 0.0
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self.tokens = 0
+        self._begin = self._now()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        self.steps.append((self._now() - self._begin, self.tokens))
+        self.first_step_end = self.first_step_end or time.time()
+
+    def throughput(self) -> dict[str, Any]:
+        """Median step time and tokens per second over the steps after the first (which warms up kernels)."""
+        steady = self.steps[1:] or self.steps
+        if not steady:
+            return {}
+        seconds = sorted(s for s, _ in steady)
+        return {"median_step_seconds": round(seconds[len(seconds) // 2], 3),
+                "tokens_per_second": round(sum(t for _, t in steady) / sum(s for s, _ in steady), 1),
+                "step_seconds": [round(s, 3) for s, _ in self.steps], "step_tokens": [t for _, t in self.steps]}

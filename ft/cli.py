@@ -42,14 +42,25 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
 ) -> None:
-    """Train a LoRA as the recipe says and write the run directory."""
-    from ft.train import train as run_training  # heavy imports (torch, transformers) only when training
-
+    """Train a LoRA as the recipe says, write the run directory, then export and evaluate it when the recipe has
+    export / eval sections."""
     try:
-        summary = run_training(load_recipe(recipe, overrides), resume=resume)
+        loaded = load_recipe(recipe, overrides)
+        # The stages that run llama.cpp are imported before training imports torch (see quantize/__init__.py).
+        if loaded.export is not None:
+            import quantize.pipeline
+        if loaded.eval is not None:
+            import eval.pipeline
+        from ft.train import train as run_training  # heavy imports (torch, transformers) only when training
+
+        summary = run_training(loaded, resume=resume)
+        err.print_json(json.dumps(summary))
+        if loaded.export is not None:
+            quantize.pipeline.export_run(loaded.output.dir)
+        if loaded.eval is not None:
+            eval.pipeline.evaluate_run(loaded.output.dir)
     except FtError as exc:
         _fail(exc)
-    err.print_json(json.dumps(summary))
 
 
 @app.command()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from transformers import ProcessorMixin
 
@@ -132,15 +133,14 @@ def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     return batch
 
 
-class EncodedRows(torch.utils.data.Dataset):
-    """Rows encoded lazily, one at a time, so image pixels never pile up in memory for large datasets."""
+def encoded_dataset(rows: list[Row], processor: ProcessorMixin) -> datasets.Dataset:
+    """The rows as a `datasets.Dataset` (what trl's trainers take) that encodes a row only when it is read, so image
+    pixels never pile up in memory; each item is {"features": encode_row(...)}, batched by `collate_items`."""
+    dataset = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
+    dataset.set_transform(lambda batch: {"features": [encode_row(rows[i], processor) for i in batch["row"]]})
+    return dataset
 
-    def __init__(self, rows: list[Row], processor: ProcessorMixin) -> None:
-        self.rows = rows
-        self.processor = processor
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return encode_row(self.rows[index], self.processor)
+def collate_items(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`collate` for the items of `encoded_dataset`."""
+    return collate([item["features"] for item in items], pad_token_id)

@@ -5,8 +5,9 @@ gradient for every position, about 24 bytes per entry per token (6 MiB a token; 
 positions with a label (assistant turns) need logits at all, and they can be computed a chunk at a time under
 activation checkpointing, so that one chunk's logits exist at once, in the forward and in the backward pass.
 
-Written here because the libraries that fuse this (cut-cross-entropy, Liger's fused linear cross-entropy) are Triton
-kernels for CUDA, and ft trains on CPUs too; this is plain PyTorch and matches transformers' loss exactly.
+On CUDA ft uses trl's fused LM head instead (`SFTTrainer`'s loss, a Triton kernel); this is plain PyTorch for the
+CPU, where Triton does not run, and matches transformers' loss exactly. Like trl's, the sum is divided by
+`num_items` (the labelled tokens of the whole accumulated batch) when the Trainer passes it, else by this batch's.
 
     >>> import torch
     >>> head = torch.nn.Linear(8, 50, bias=False)
@@ -36,7 +37,7 @@ def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, sof
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, softcap: float | None,
-                   chunk: int = CHUNK) -> torch.Tensor:
+                   chunk: int = CHUNK, num_items: int | torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions (labels -100 are ignored), as transformers computes it
     from `head(hidden)` with Gemma's final-logit softcap, but `chunk` labelled positions at a time."""
     targets = labels[:, 1:].reshape(-1)
@@ -47,4 +48,4 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, 
     for start in range(0, len(targets), chunk):
         piece = slice(start, start + chunk)
         total = total + checkpoint(_chunk_loss, states[piece], targets[piece], head, softcap, use_reentrant=False)
-    return total / max(len(targets), 1)
+    return total / (num_items if num_items is not None else max(len(targets), 1))

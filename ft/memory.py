@@ -1,28 +1,29 @@
 """Peak GPU memory of a training run, estimated from the recipe before any weights are loaded.
 
 `ft train` checks the estimate against `train.memory_budget_gb` on CUDA and refuses, with the breakdown, a recipe
-that cannot fit, instead of dying in an out-of-memory error hours later; `ft plan RECIPE` prints it anywhere.
+that cannot fit, instead of dying in an out-of-memory error hours later; `ft plan RECIPE` prints it anywhere. After
+each CUDA run, summary.json holds the estimate beside the peak the run really reserved.
 
-The estimate adds up what a LoRA step keeps on the GPU (peak = `torch.cuda.max_memory_reserved()`):
-Three ways to train are modelled: `hf` is ft's own transformers path, `unsloth` plain unsloth, and `transformers`
-the plain transformers + peft + bitsandbytes recipe that issue #4 measured as the baseline.
+The estimate adds up what a LoRA step keeps on the GPU (peak = `torch.cuda.max_memory_reserved()`). Three ways to
+train are modelled: `hf` is ft's own path (transformers + peft + trl), `unsloth` plain unsloth, and `transformers`
+the plain transformers + peft + bitsandbytes recipe measured as the baseline.
 - base weights: every parameter counted on a meta-device model built from the checkpoint's config. A 4-bit base
   (QLoRA) holds the decoder's linear layers at 4.127 bits (NF4 with double-quantized absmax, blocks of 64) and the
   rest in bf16 (in fp32 for `transformers`: peft's `prepare_model_for_kbit_training` upcasts them; ft does not);
   an unquantized base is bf16 throughout.
 - LoRA: weights, gradients and AdamW's two moments, all fp32 (16 bytes per LoRA parameter).
-- activations per token: the bf16 input of each decoder layer kept for gradient checkpointing, plus one layer's
-  working set while it is recomputed (4 hidden-wide and 3 MLP-wide bf16 rows). Without checkpointing every layer
-  keeps its working set.
+- checkpoints: with gradient checkpointing, each decoder layer's bf16 input, kept until the backward pass reaches
+  it; ft offloads them to CPU memory (`train.offload_activations`), leaving only trl's in-flight stash on the GPU.
+- the layer being recomputed: per token, a share of the residual width (norms, projections, attention) and of the
+  MLP width (gate, up and their product), fitted to GPU measurements; with `train.tiled_mlp` the MLP's share is
+  held for one tile of `ft.tiling.TILE` tokens only. Without checkpointing every layer keeps its working set.
 - logits: `transformers` keeps the bf16 logits, their fp32 copy, the softcap and the loss gradient over the whole
-  vocabulary for every token (24 bytes per vocabulary entry, fitted below); ft's loss (`ft.loss`) holds one chunk
-  of 256 labelled positions at a time (estimated at 18 bytes per entry: bf16 and fp32 logits, softcap, softmax,
-  gradient; not yet measured on a GPU); unsloth's fused cross-entropy keeps none beyond the slack.
-- a fixed 0.55 GiB for the allocator's slack and the kernels' workspaces (fitted below).
+  vocabulary for every token; trl's fused LM head (ft's loss on CUDA) holds one vocabulary tile of 4096 tokens and
+  the fp32 gradient of the final hidden states; unsloth's fused cross-entropy keeps none beyond the slack.
+- a fixed slack for the allocator and the kernels' workspaces.
 
-The two fitted constants come from peak reserved memory measured on an H100 with random weights of the exact 12B
-shape, r=16 on all language-model projections, batch 1 (issue #4; `tests/test_memory.py` holds the table): the
-estimate is within 5% of all 8 points, from 1024 to 8192 tokens and for a multimodal step, for both of them.
+The fitted constants come from peak reserved memory of random weights of the exact 12B shape, r=16 on all
+language-model projections (`tests/test_memory.py` holds the measured tables, `bench/train_12b.py` measures them).
 
     >>> from ft.recipe import LoraSection
     >>> from ft.tiny import build_tiny
@@ -43,15 +44,19 @@ from torch import nn
 
 from ft.errors import FtError
 from ft.lora import target_regex
-from ft.loss import CHUNK
 from ft.recipe import LoraSection, Recipe
 
 GIB = 1 << 30
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit absmax per 64, an fp32 scale per 256 absmax
 LORA_BYTES = 16  # fp32 weight, gradient and two AdamW moments
 FULL_LOGIT_BYTES = 24  # per vocabulary entry per token, transformers' own loss
-CHUNK_LOGIT_BYTES = 18  # per vocabulary entry per position of ft.loss's chunk
-SLACK_GIB = 0.55
+SLACK_GIB = 0.55  # fitted to the plain unsloth and transformers runs
+# ft's path, fitted to its H200 runs (tests/test_memory.py): bytes per token, per unit of residual width and of MLP
+# width, of the layer being recomputed; and the slack (allocator, workspaces, trl's head tile of 4096 x 32768).
+HF_RESIDUAL_BYTES = 24.0
+HF_MLP_BYTES = 8.0
+HF_SLACK_GIB = 1.0
+OFFLOAD_STASH = 5  # checkpointed layer inputs trl keeps on the GPU while they are copied out (max_fwd_stash_size)
 
 Backend = Literal["hf", "unsloth", "transformers"]
 
@@ -62,12 +67,15 @@ class MemoryPlan:
 
     weights: float
     lora: float
-    activations: float
+    checkpoints: float
+    working: float
     logits: float
     slack: float
     tokens: int
     backend: str
     quantized: bool
+    offload: bool = False
+    tiled_mlp: bool = False
 
     @property
     def base(self) -> str:
@@ -75,14 +83,22 @@ class MemoryPlan:
 
     @property
     def total_gib(self) -> float:
-        return self.weights + self.lora + self.activations + self.logits + self.slack
+        return self.weights + self.lora + self.checkpoints + self.working + self.logits + self.slack
+
+    def settings(self) -> dict[str, object]:
+        """How the step is run, as summary.json and the progress header report it."""
+        return {"base": self.base, "tokens": self.tokens, "offload_activations": self.offload,
+                "tiled_mlp": self.tiled_mlp}
 
     def table(self) -> str:
+        where = "CPU memory, trl's stash on the GPU" if self.offload else "on the GPU"
         rows = [(f"base weights ({self.base})", self.weights), ("LoRA weights, gradients, AdamW", self.lora),
-                (f"activations ({self.tokens} tokens a step)", self.activations),
+                (f"checkpointed layer inputs ({where})", self.checkpoints),
+                (f"layer being recomputed ({self.tokens} tokens{', MLP tiled' if self.tiled_mlp else ''})",
+                 self.working),
                 ("logits and loss", self.logits), ("allocator slack, workspaces", self.slack),
                 ("total", self.total_gib)]
-        return "\n".join(f"  {name:<40} {gib:6.2f} GiB" for name, gib in rows)
+        return "\n".join(f"  {name:<52} {gib:6.2f} GiB" for name, gib in rows)
 
 
 @dataclass(frozen=True)
@@ -118,33 +134,62 @@ def count_parameters(config: object, lora: LoraSection) -> ParamCounts:
 
 
 def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool,
-             gradient_checkpointing: bool = True) -> MemoryPlan:
+             gradient_checkpointing: bool = True, offload: bool = False, tiled_mlp: bool = False) -> MemoryPlan:
     """Peak GPU memory of a LoRA step over `tokens` tokens (batch rows x padded length, soft tokens included)."""
+    from ft.tiling import TILE
+
     other_bytes = 4 if quantized and backend == "transformers" else 2
-    logits = {"transformers": tokens * FULL_LOGIT_BYTES, "hf": min(tokens, CHUNK) * CHUNK_LOGIT_BYTES, "unsloth": 0}
     weights = counts.quantizable * (NF4_BYTES if quantized else 2) + counts.other * other_bytes
-    working = (4 * counts.hidden + 3 * counts.intermediate) * 2
-    per_token = (counts.layers * counts.hidden * 2 + working) if gradient_checkpointing else counts.layers * working
+    layer_input = counts.hidden * 2
+    if backend == "hf":
+        residual, mlp = HF_RESIDUAL_BYTES * counts.hidden, HF_MLP_BYTES * counts.intermediate
+        working = tokens * residual + min(tokens, TILE if tiled_mlp else tokens) * mlp
+        logits = tokens * counts.hidden * 6  # the fused head's fp32 gradient and bf16 copy of the labelled states
+        slack = HF_SLACK_GIB
+    else:  # plain unsloth and transformers, fitted on an H100 (issue #4)
+        working = tokens * (4 * counts.hidden + 3 * counts.intermediate) * 2
+        logits = tokens * FULL_LOGIT_BYTES * counts.vocab if backend == "transformers" else 0
+        slack = SLACK_GIB
+    if not gradient_checkpointing:
+        checkpoints, working = 0.0, working * counts.layers
+    elif offload:
+        checkpoints = tokens * layer_input * OFFLOAD_STASH
+    else:
+        checkpoints = tokens * layer_input * counts.layers
     return MemoryPlan(
         weights=weights / GIB,
         lora=counts.lora * LORA_BYTES / GIB,
-        activations=tokens * per_token / GIB,
-        logits=logits[backend] * counts.vocab / GIB,
-        slack=SLACK_GIB,
+        checkpoints=checkpoints / GIB,
+        working=working / GIB,
+        logits=logits / GIB,
+        slack=slack,
         tokens=tokens,
         backend=backend,
         quantized=quantized,
+        offload=offload,
+        tiled_mlp=tiled_mlp,
     )
 
 
 def plan_for(recipe: Recipe, config: object, tokens: int | None = None) -> MemoryPlan:
     """The estimate for a recipe's run on CUDA; tokens defaults to the recipe's worst case (a batch of
-    max-length rows)."""
-    backend: Backend = "unsloth" if recipe.train.backend == "unsloth" else "hf"
-    tokens = tokens or recipe.train.batch_size * recipe.data.max_seq_length
+    max-length rows). `train.tiled_mlp: auto` tiles only when the untiled step would not fit the budget."""
+    t = recipe.train
+    backend: Backend = "unsloth" if t.backend == "unsloth" else "hf"
+    tokens = tokens or t.batch_size * recipe.data.max_seq_length
     quantized = backend == "unsloth" or recipe.model.quantization in ("auto", "nf4")
-    return estimate(count_parameters(config, recipe.lora), tokens, backend, quantized,
-                    gradient_checkpointing=recipe.train.gradient_checkpointing or backend == "unsloth")
+    checkpointing = t.gradient_checkpointing or backend == "unsloth"
+    counts = count_parameters(config, recipe.lora)
+    hf = backend == "hf" and checkpointing
+
+    def plan(tiled: bool) -> MemoryPlan:
+        return estimate(counts, tokens, backend, quantized, checkpointing,
+                        offload=hf and t.offload_activations != "off", tiled_mlp=hf and tiled)
+
+    untiled = plan(t.tiled_mlp == "on")
+    if t.tiled_mlp == "auto" and untiled.total_gib > t.memory_budget_gb:
+        return plan(True)
+    return untiled
 
 
 def check_budget(recipe: Recipe, plan: MemoryPlan) -> None:

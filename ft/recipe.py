@@ -36,6 +36,11 @@ def _quant_names(names: list[str]) -> list[str]:
     return upper
 
 
+def _on_off(value: object) -> object:
+    """YAML reads `on` and `off` as booleans; the auto/on/off settings take them back as words."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -99,10 +104,23 @@ class TrainSection(Section):
     save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    offload_activations: Literal["auto", "on", "off"] = Field(
+        "auto", description="With gradient_checkpointing, keep each layer's checkpointed input in CPU memory instead "
+        "of on the GPU (trl's activation offloading); auto is on for CUDA."
+    )
+    tiled_mlp: Literal["auto", "on", "off"] = Field(
+        "auto", description="With gradient_checkpointing, run the MLP over long rows 2048 tokens at a time (less "
+        "memory, one more MLP forward); auto tiles when the memory plan would not fit memory_budget_gb otherwise."
+    )
     group_by_length: bool = Field(
         True, description="Batch rows of similar token length together (less padding); the order stays shuffled."
     )
     memory_budget_gb: float = Field(16.0, gt=0, description="GPU memory the run may use (checked on CUDA).")
+
+    @field_validator("offload_activations", "tiled_mlp", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        return _on_off(value)
 
     @field_validator("warmup_steps")
     @classmethod
@@ -159,8 +177,7 @@ class ExportSection(Section):
     @field_validator("imatrix", mode="before")
     @classmethod
     def _yaml_booleans(cls, value: object) -> object:
-        # YAML reads `on` and `off` as booleans.
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        return _on_off(value)
 
     @model_validator(mode="after")
     def _imatrix_available(self) -> ExportSection:

@@ -90,9 +90,22 @@ def tiny_tokenizer(vocab_size: int = VOCAB_SIZE) -> GemmaTokenizer:
     return tokenizer
 
 
+def special_token_ids(tokenizer: GemmaTokenizer) -> tuple[dict[str, object], dict[str, int]]:
+    """The config's special-token ids as `tokenizer` numbers them: (text config entries, top-level entries).
+    A config keeping its class defaults would look for image and audio placeholders under other ids."""
+    ids = tokenizer.convert_tokens_to_ids
+    text = {"pad_token_id": ids("<pad>"), "eos_token_id": [ids("<eos>"), ids("<turn|>")], "bos_token_id": ids("<bos>")}
+    media = {
+        "boi_token_id": ids("<|image>"), "eoi_token_id": ids("<image|>"), "image_token_id": ids("<|image|>"),
+        "video_token_id": ids("<|video|>"), "boa_token_id": ids("<|audio>"), "eoa_token_index": ids("<audio|>"),
+        "audio_token_id": ids("<|audio|>"),
+    }
+    return text, media
+
+
 def tiny_config(tokenizer: GemmaTokenizer) -> Gemma4UnifiedConfig:
     """Config of the tiny model: 12B's layout (5 sliding : 1 full, k_eq_v full layers) at width 256."""
-    ids = tokenizer.convert_tokens_to_ids
+    text_ids, media_ids = special_token_ids(tokenizer)
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": 256,
@@ -107,23 +120,12 @@ def tiny_config(tokenizer: GemmaTokenizer) -> Gemma4UnifiedConfig:
         "sliding_window": 64,
         "final_logit_softcapping": 30.0,
         "max_position_embeddings": 4096,
-        "pad_token_id": ids("<pad>"),
-        "eos_token_id": [ids("<eos>"), ids("<turn|>")],
-        "bos_token_id": ids("<bos>"),
+        **text_ids,
     }
     vision_config = {"mm_embed_dim": 256, "mm_posemb_size": 128, "output_proj_dims": 256}
     audio_config = {"audio_embed_dim": 640}
     return Gemma4UnifiedConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        audio_config=audio_config,
-        boi_token_id=ids("<|image>"),
-        eoi_token_id=ids("<image|>"),
-        image_token_id=ids("<|image|>"),
-        video_token_id=ids("<|video|>"),
-        boa_token_id=ids("<|audio>"),
-        eoa_token_index=ids("<audio|>"),
-        audio_token_id=ids("<|audio|>"),
+        text_config=text_config, vision_config=vision_config, audio_config=audio_config, **media_ids
     )
 
 

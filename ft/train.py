@@ -11,7 +11,8 @@ Run directory (`output.dir`):
     metrics.jsonl     every logged training and held-out loss, one JSON object a line
     loss.png          the loss curve
     summary.json      final numbers of the run
-    gguf/, eval/      written next by `ft quantize` and `ft eval` when the recipe has export / eval sections
+    gguf/, eval/      written next by `ft quantize` and `ft eval` (the CLI chains them when the recipe has export /
+                      eval sections)
 """
 
 from __future__ import annotations
@@ -24,33 +25,38 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import yaml
 from rich.console import Console
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import PrinterCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from trl import SFTConfig, SFTTrainer
 
+from ft import attention
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
 from ft.batching import LengthGroupedEpochSampler, padding_share
-from ft.callbacks import MetricsLog, RichProgress, read_metrics
+from ft.callbacks import MetricsLog, RichProgress, StepClock, read_metrics
 from ft.data import Row, load_rows
-from ft.encode import EncodedRows, collate
+from ft.encode import collate_items, encoded_dataset
 from ft.errors import FtError
+from ft.kernels import use_liger_kernels
 from ft.lora import apply_lora, lora_modules
 from ft.loss import causal_lm_loss
-from ft.memory import check_budget, plan_for
+from ft.memory import MemoryPlan, check_budget, plan_for
 from ft.models import default_device, load_config, load_model, load_processor
 from ft.plots import loss_curve
 from ft.recipe import Recipe
+from ft.tiling import tile_mlps
 from ft.validate import check_rows
 
 console = Console(stderr=True)
 
 
-class RecipeTrainer(Trainer):
-    """transformers' Trainer with three changes: checkpoints appear under `checkpoint-N` only when complete, rows of
-    similar length are batched together when given a sampler (`ft.batching`), and the loss is computed over
-    labelled positions a chunk at a time (`ft.loss`), never as full-vocabulary logits for the whole batch.
+class RecipeTrainer(SFTTrainer):
+    """trl's SFTTrainer (its fused LM head and activation offloading) on ft's own encoded rows, with three changes:
+    checkpoints appear under `checkpoint-N` only when complete, rows of similar length are batched together when
+    given a sampler (`ft.batching`), and on CPUs the loss is ft's chunked one (`ft.loss`): trl's head is Triton.
 
     transformers writes a checkpoint file by file into its final folder, so a kill mid-save leaves a folder that
     `--resume` would pick up and fail on. Here each checkpoint is written into a hidden staging folder and renamed.
@@ -58,19 +64,27 @@ class RecipeTrainer(Trainer):
 
     _staging: Path | None = None
     train_sampler: LengthGroupedEpochSampler | None = None
+    clock: StepClock | None = None
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.clock is not None:
+            self.clock.tokens += int(inputs["attention_mask"].sum())
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         return self.train_sampler or super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if inputs["input_ids"].device.type == "cuda":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # The decoder runs through the inner model (the LoRA layers sit inside it); the head and softcap are applied
-        # by ft.loss. Gemma 4 takes no loss kwargs, so the Trainer scales for gradient accumulation as before.
+        # by ft.loss, normalised as trl's head normalises.
         causal_lm = self.accelerator.unwrap_model(model).get_base_model()
         features = {key: value for key, value in inputs.items() if key != "labels"}
-        hidden = causal_lm.model(**features).last_hidden_state
+        hidden = causal_lm.model(**features, use_cache=False).last_hidden_state
         softcap = causal_lm.config.get_text_config().final_logit_softcapping
-        loss = causal_lm_loss(hidden, causal_lm.lm_head, inputs["labels"], softcap)
+        loss = causal_lm_loss(hidden, causal_lm.lm_head, inputs["labels"], softcap, num_items=num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _get_output_dir(self, trial: Any) -> str:
@@ -143,12 +157,18 @@ def wandb_mode(setting: str) -> str:
     return setting
 
 
-def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> TrainingArguments:
+def offloads_activations(recipe: Recipe, device: str) -> bool:
+    """Whether checkpointed layer inputs wait in CPU memory (trl's activation offloading, CUDA only)."""
+    setting = recipe.train.offload_activations
+    return recipe.train.gradient_checkpointing and device == "cuda" and setting != "off"
+
+
+def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> SFTConfig:
     t, run = recipe.train, recipe.output.dir
     mode = wandb_mode(recipe.logging.wandb)
     if mode != "disabled":
         os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(run), WANDB_PROJECT=recipe.logging.project, WANDB_SILENT="true")
-    return TrainingArguments(
+    return SFTConfig(
         output_dir=str(run / "checkpoints"),
         run_name=recipe.logging.run_name or run.name,
         report_to=["wandb"] if mode != "disabled" else [],
@@ -172,9 +192,13 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> TrainingA
         save_steps=t.save_every,
         save_total_limit=t.keep_checkpoints,
         gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # offloading and MLP tiles need the non-reentrant kind
+        activation_offloading=offloads_activations(recipe, device),
         bf16=device == "cuda" and recipe.model.dtype in ("auto", "bfloat16"),
         use_cpu=device == "cpu",
         remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive validated, encoded and labelled by ft
+        max_length=None,  # too-long rows were reported by the data checks, never cut
         label_names=["labels"],
         prediction_loss_only=True,  # held-out loss only: no logits gathered
         dataloader_num_workers=0,
@@ -184,11 +208,12 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> TrainingA
 
 
 def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, modules: list[str],
-              pad_share: float | None) -> dict[str, Any]:
+              pad_share: float | None, plan: MemoryPlan | None, clock: StepClock) -> dict[str, Any]:
     evals = [r for r in records if "eval_loss" in r]
     losses = [r for r in records if "loss" in r]
     summary: dict[str, Any] = {
         "model": recipe.model.name,
+        "backend": "hf",
         "steps": max((r["step"] for r in records), default=0),
         "train_loss_last": losses[-1]["loss"] if losses else None,
         "eval_loss_first": evals[0]["eval_loss"] if evals else None,
@@ -200,6 +225,12 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
     }
     if evals and evals[0]["eval_loss"]:
         summary["eval_loss_drop"] = 1.0 - evals[-1]["eval_loss"] / evals[0]["eval_loss"]
+    summary["throughput"] = clock.throughput()
+    if clock.first_step_end is not None:  # from the process's start: imports, data checks and loading included
+        summary["first_step_after_seconds"] = round(clock.first_step_end - psutil.Process().create_time(), 1)
+    if plan is not None:  # every CUDA run checks the planner: its estimate beside what the step really reserved
+        summary["memory"] = {**plan.settings(), "planned_gib": round(plan.total_gib, 2),
+                             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     return summary
 
 
@@ -214,27 +245,39 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     with recipe.blame("model.name"):
         processor = load_processor(recipe.model.name, recipe.data.image_soft_tokens)
     train_rows, eval_rows, lengths = load_data(recipe, processor)
+    plan = None
     if device == "cuda":  # refuse before loading any weights; the budget is GPU memory
         with recipe.blame("model.name"):
             config = load_config(recipe.model.name)
         # A batch of the longest rows bounds every step (and grouping by length makes such a batch likely).
-        check_budget(recipe, plan_for(recipe, config, recipe.train.batch_size * max(lengths)))
+        plan = plan_for(recipe, config, recipe.train.batch_size * max(lengths))
+        check_budget(recipe, plan)
+        console.print(f"hf backend (transformers + peft + trl) on CUDA, planned peak {plan.total_gib:.1f} GiB: "
+                      + ", ".join(f"{key} {value}" for key, value in plan.settings().items()), highlight=False)
     with recipe.blame("model.name"):
         model = load_model(recipe.model.name, recipe.model.dtype, device, recipe.model.quantization)
+    model.set_attn_implementation(attention.register())
+    if device == "cuda":
+        use_liger_kernels(model)
+    if recipe.train.tiled_mlp == "on" or plan is not None and plan.tiled_mlp:
+        tile_mlps(model)
     run = prepare_run_dir(recipe, last_checkpoint)
 
     model = apply_lora(model, recipe.lora)
     modules = lora_modules(model)
-    metrics = MetricsLog(run / "metrics.jsonl")
+    metrics, clock = MetricsLog(run / "metrics.jsonl"), StepClock()
     trainer = RecipeTrainer(
         model=model,
         args=training_arguments(recipe, device, bool(eval_rows)),
-        train_dataset=EncodedRows(train_rows, processor),
-        eval_dataset=EncodedRows(eval_rows, processor) if eval_rows else None,
-        data_collator=partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
-        callbacks=[metrics, RichProgress()],
+        train_dataset=encoded_dataset(train_rows, processor),
+        eval_dataset=encoded_dataset(eval_rows, processor) if eval_rows else None,
+        processing_class=processor,
+        data_collator=partial(collate_items, pad_token_id=processor.tokenizer.pad_token_id),
+        callbacks=[metrics, clock, RichProgress()],
     )
+    trainer.clock = clock
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its raw dict prints
+    keep_lora_in_float32(model)
     pad_share = None
     if recipe.train.group_by_length:
         trainer.train_sampler = LengthGroupedEpochSampler(lengths, recipe.train.batch_size, recipe.train.seed)
@@ -254,14 +297,14 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         model.save_pretrained(tmp, save_embedding_layers=False)  # embeddings are never trained here
     records = read_metrics(run / "metrics.jsonl")
     loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
-    summary = summarize(recipe, records, time.time() - started, modules, pad_share)
+    summary = summarize(recipe, records, time.time() - started, modules, pad_share, plan, clock)
     write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if recipe.export is not None:
-        from quantize.pipeline import export_run
-
-        export_run(run)
-    if recipe.eval is not None:
-        from eval.pipeline import evaluate_run
-
-        evaluate_run(run)
     return summary
+
+
+def keep_lora_in_float32(model: torch.nn.Module) -> None:
+    """trl's SFTTrainer casts a quantized model's trainable weights to bfloat16; ft keeps the LoRA weights, and so
+    their gradients and AdamW moments, in float32, as peft creates them (and as `ft.memory` plans them)."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()

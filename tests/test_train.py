@@ -17,7 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from ft.data import load_rows
-from ft.encode import EncodedRows, collate
+from ft.encode import collate, encode_row
 from ft.tiny import build_tiny
 from conftest import DEMO_DATA, ROOT, run_ft
 
@@ -53,7 +53,7 @@ def test_saved_adapter_reproduces_the_reported_heldout_loss(demo_run):
     summary = json.loads((demo_run / "summary.json").read_text())
     base, processor = build_tiny()
     model = PeftModel.from_pretrained(base, demo_run / "adapter").eval()
-    rows = EncodedRows(load_rows(DEMO_DATA / "heldout.jsonl"), processor)
+    rows = [encode_row(row, processor) for row in load_rows(DEMO_DATA / "heldout.jsonl")]
     batch_size = yaml.safe_load(DEMO.read_text())["train"]["batch_size"]
     losses = []
     with torch.no_grad():

@@ -1,0 +1,287 @@
+"""Training benchmark at the exact Gemma 4 12B shape: `ft train` against plain unsloth, on one GPU.
+
+A random checkpoint of the 12B shape (bench.shapes) and the bench's chat data are written once under --work; then
+each (path, point) runs in a fresh process: `ft train` on a recipe (the user's path: data checks, memory plan, QLoRA,
+trl), or plain unsloth (`FastModel`, 4-bit, `use_gradient_checkpointing="unsloth"`, trl's SFTTrainer) on the very
+token ids and labels ft encoded. Per point: peak `torch.cuda.max_memory_reserved()`, tokens per second over the
+steps after the first (non-pad tokens), process start to the end of the first optimizer step (unsloth's includes
+its compilation), and `ft plan`'s estimate. Results accumulate in --out, so a run cut off by a call's time limit
+keeps what it measured and the next call adds the rest.
+
+    python -m bench.train_12b --work /tmp/t12 --paths ft --points 8192 16384 32768 mm     # on the device machine
+    python -m bench.train_12b --work /tmp/t12 --paths unsloth --points 8192 16384
+    python -m bench.train_12b --work /tmp/t --shape tiny --points 2048 mm mixed4          # a CPU check of the script
+
+Points: text rows of 2048, 8192, 16384 or 32768 tokens (batch 1); `mm`, one row of a 1120-soft-token image, 60 s of
+audio and text; `mixed4`, a mixed-length text/image/audio set at batch 4, length-grouped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+POINTS = ("2048", "8192", "16384", "32768", "mm", "mixed4")
+PATHS = ("ft", "ft-untiled", "unsloth")
+STEPS = 3
+SENTENCE = "The quick brown fox jumps over the lazy dog while the river runs past the old house. "
+
+
+def build_checkpoint(work: Path, shape: str) -> Path:
+    import torch
+
+    from bench.shapes import config_12b, write_checkpoint
+    from ft.tiny import build_tiny
+
+    folder = work / "model"
+    if not (folder / "config.json").is_file():
+        config = config_12b() if shape == "12b" else build_tiny()[0].config
+        write_checkpoint(folder, config, device="cuda" if torch.cuda.is_available() else "cpu")
+    return folder
+
+
+def text_row(tokens: int, processor: Any) -> dict[str, Any]:
+    """A chat row of about `tokens` tokens, nearly all in the assistant's answer (so nearly all carry loss)."""
+    from ft.data import Row
+    from ft.encode import length_of
+
+    def row(repeats: int) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": "Tell me a long story."},
+                             {"role": "assistant", "content": SENTENCE * repeats}]}
+
+    one, eleven = (length_of(Row(row(n)["messages"], "bench", Path(".")), processor) for n in (1, 11))
+    per_repeat = (eleven - one) / 10
+    return row(max(1, round((tokens - one) / per_repeat) + 1))
+
+
+def media_row(text_tokens: int, processor: Any, folder: Path, image_px: int, audio_seconds: float,
+              seed: int) -> dict[str, Any]:
+    """A text row with a random image of `image_px` px and `audio_seconds` of noise before the question."""
+    import soundfile as sf
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    if image_px:
+        Image.fromarray(rng.integers(0, 255, (image_px, image_px, 3), dtype=np.uint8)).save(folder / f"{seed}.png")
+        parts.append({"type": "image", "path": f"{folder.name}/{seed}.png"})
+    if audio_seconds:
+        wave = (0.1 * rng.standard_normal(int(16000 * audio_seconds))).astype(np.float32)
+        sf.write(folder / f"{seed}.wav", wave, 16000)
+        parts.append({"type": "audio", "path": f"{folder.name}/{seed}.wav"})
+    row = text_row(text_tokens, processor)
+    row["messages"][0]["content"] = [*parts, {"type": "text", "text": "Describe what you see and hear."}]
+    return row
+
+
+def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, int, int]:
+    """The point's training file, its image_soft_tokens and batch size."""
+    from ft.models import load_processor
+
+    soft = 70 if tiny else 1120
+    processor = load_processor(str(model), soft)
+    data = work / "data"
+    scale = 8 if tiny else 1  # the tiny check runs the same shapes of data at an eighth of the length
+    if point == "mm":
+        rows = [media_row(2048 // scale, processor, data / "media", 1632 // scale, 60 / scale, 0)]
+        batch = 1
+    elif point == "mixed4":
+        rng = np.random.default_rng(0)
+        rows = []
+        for i in range(48):
+            tokens = int(rng.integers(256, 4096)) // scale
+            image_px = 896 // scale if i % 3 == 0 else 0
+            audio_s = float(rng.integers(10, 30)) / scale if i % 4 == 0 else 0.0
+            rows.append(media_row(tokens, processor, data / "media", image_px, audio_s, i) if image_px or audio_s
+                        else text_row(tokens, processor))
+        batch = 4
+    else:
+        rows = [text_row(int(point) // scale, processor)]
+        batch = 1
+    data.mkdir(parents=True, exist_ok=True)
+    path = data / f"{point}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, soft, batch
+
+
+def recipe_for(work: Path, point: str, model: Path, tiny: bool, tiled: str) -> Path:
+    data, soft, batch = write_data(work, point, model, tiny)
+    steps = 8 if point == "mixed4" else STEPS
+    recipe = {
+        "model": {"name": str(model)},
+        "data": {"train": str(data), "max_seq_length": 40000, "image_soft_tokens": soft},
+        "lora": {"r": 16, "alpha": 32},
+        "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "log_every": 1, "save_every": 1000,
+                  "gradient_checkpointing": True, "tiled_mlp": tiled, "memory_budget_gb": 80},
+        "logging": {"wandb": "disabled"},
+        "output": {"dir": str(work / "runs" / f"{point}-{tiled}"), "overwrite": True},
+    }
+    path = work / f"recipe-{point}-{tiled}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_ft(work: Path, point: str, model: Path, tiny: bool, tiled: str) -> dict[str, Any]:
+    """One `ft train` in a fresh process; its summary.json carries the plan, the peak and the step clock."""
+    recipe = recipe_for(work, point, model, tiny, tiled)
+    run = yaml.safe_load(recipe.read_text())["output"]["dir"]
+    result = subprocess.run([sys.executable, "-m", "ft", "train", str(recipe)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:
+        return {"error": result.stderr[-3000:]}
+    summary = json.loads((Path(run) / "summary.json").read_text())
+    memory = summary.get("memory", {})
+    return {"tokens_per_second": summary["throughput"].get("tokens_per_second"),
+            "step_seconds": summary["throughput"].get("step_seconds"),
+            "step_tokens": summary["throughput"].get("step_tokens"),
+            "first_step_after_seconds": summary["first_step_after_seconds"],
+            "peak_reserved_gib": memory.get("peak_reserved_gib"), "planned_gib": memory.get("planned_gib"),
+            "tiled_mlp": memory.get("tiled_mlp"), "offload_activations": memory.get("offload_activations")}
+
+
+def plain_unsloth(work: Path, points: list[str], model: Path, out: Path) -> None:
+    """Plain unsloth on the same encoded rows as ft, all points in this one process (its compiled code is reused);
+    writes one JSON object per point to `out`."""
+    import psutil
+    import torch
+    from unsloth import FastModel  # noqa: I001  (unsloth must be imported before trl and transformers)
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from ft.data import load_rows
+    from ft.encode import encode_row
+    from ft.models import load_processor
+
+    started = psutil.Process().create_time()
+    longest = max(int(p) for p in points)
+    fast, _ = FastModel.from_pretrained(str(model), max_seq_length=longest, load_in_4bit=True)
+    fast = FastModel.get_peft_model(
+        fast, r=16, lora_alpha=32, lora_dropout=0, bias="none", finetune_vision_layers=False,
+        finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True,
+        use_gradient_checkpointing="unsloth", random_state=0,
+    )
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.first: float | None = None
+
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            torch.cuda.synchronize()
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            torch.cuda.synchronize()
+            self.seconds.append(time.perf_counter() - self.begin)
+            self.first = self.first or time.time()
+
+    processor = load_processor(str(model), 1120)
+    results = {}
+    for point in points:
+        data, _, _ = write_data(work, point, model, tiny=False)
+        features = encode_row(load_rows(data)[0], processor)
+        tokens = int(features["input_ids"].numel())
+        rows = Dataset.from_dict({k: [features[k].tolist()] for k in ("input_ids", "attention_mask", "labels")})
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        clock = Clock()
+        trainer = SFTTrainer(
+            model=fast, train_dataset=rows, processing_class=processor.tokenizer, callbacks=[clock],
+            args=SFTConfig(output_dir=str(work / "unsloth"), max_steps=STEPS, per_device_train_batch_size=1,
+                           learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[], bf16=True,
+                           dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, optim="adamw_torch"),
+        )
+        trainer.train()
+        steady = clock.seconds[1:]
+        results[point] = {"tokens_per_second": round(tokens * len(steady) / sum(steady), 1),
+                          "step_seconds": [round(s, 3) for s in clock.seconds],
+                          "first_step_after_seconds": round(clock.first - started, 1) if point == points[0] else None,
+                          "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                          "tokens": tokens}
+        out.write_text(json.dumps(results))
+
+
+def run_unsloth(work: Path, points: list[str], model: Path) -> dict[str, dict[str, Any]]:
+    out = work / "unsloth.json"
+    out.unlink(missing_ok=True)
+    code = ("import sys; from pathlib import Path; from bench.train_12b import plain_unsloth; "
+            "plain_unsloth(Path(sys.argv[1]), sys.argv[3:], Path(sys.argv[2]), Path(sys.argv[1]) / 'unsloth.json')")
+    result = subprocess.run([sys.executable, "-c", code, str(work), str(model), *points], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    measured = json.loads(out.read_text()) if out.is_file() else {}
+    if result.returncode != 0:
+        for point in points:
+            measured.setdefault(point, {"error": result.stderr[-3000:]})
+    return measured
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'point':8} {'path':11} {'peak GiB':>8} {'plan GiB':>8} {'tok/s':>8} {'1st step s':>10}"]
+    for point in POINTS:
+        for path in PATHS:
+            r = results.get(path, {}).get(point)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"{point:8} {path:11} error: {r['error'].strip().splitlines()[-1][:80]}")
+                continue
+            lines.append(f"{point:8} {path:11} {r.get('peak_reserved_gib') or 0:8.2f} {r.get('planned_gib') or 0:8.2f} "
+                         f"{r.get('tokens_per_second') or 0:8.0f} {r.get('first_step_after_seconds') or 0:10.0f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-train_12b.json")
+    parser.add_argument("--shape", choices=["12b", "tiny"], default="12b")
+    parser.add_argument("--points", nargs="+", choices=POINTS, default=list(POINTS))
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=["ft", "unsloth"])
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results: dict[str, dict[str, Any]] = previous.get("results", {})
+    model = build_checkpoint(args.work, args.shape)
+    tiny = args.shape == "tiny"
+    for path in args.paths:
+        if path == "unsloth":
+            text_points = [p for p in args.points if p.isdigit()]
+            results.setdefault(path, {}).update(run_unsloth(args.work, text_points, model) if text_points else {})
+            _write(args, results)
+            continue
+        for point in args.points:
+            results.setdefault(path, {})[point] = run_ft(args.work, point, model, tiny,
+                                                         "off" if path == "ft-untiled" else "auto")
+            _write(args, results)
+            print(table(results), flush=True)
+    print(table(results), flush=True)
+
+
+def _write(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    payload = {"benchmark": "train_12b", "shape": args.shape, "date": datetime.date.today().isoformat(),
+               "device": device, "command": " ".join(sys.argv), "steps_per_point": STEPS,
+               "notes": "tokens_per_second: non-pad tokens over the steps after the first; first_step_after_seconds: "
+                        "process start to the end of the first optimizer step (unsloth's includes compilation)",
+               "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

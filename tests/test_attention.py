@@ -1,0 +1,91 @@
+"""ft's chunked attention (ft.attention) against transformers' own eager attention on the tiny model: the same
+logits and LoRA gradients on a padded batch with image and audio rows, with query chunks small enough that every
+row spans many chunks and the sliding window crosses chunk borders; and its per-chunk masks against the dense mask."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import DEMO_DATA
+from transformers.masking_utils import (
+    and_masks,
+    blockwise_overlay,
+    or_masks,
+    padding_mask_function,
+    sdpa_mask,
+    sliding_window_causal_mask_function,
+)
+
+from ft import attention
+from ft.data import load_rows
+from ft.encode import collate, encode_row
+from ft.lora import apply_lora
+from ft.recipe import LoraSection
+
+
+@pytest.fixture(scope="module")
+def batch(processor):
+    rows = load_rows(DEMO_DATA / "train.jsonl")
+    with_image = next(r for r in rows if r.media("image"))
+    with_audio = next(r for r in rows if r.media("audio"))
+    text = next(r for r in rows if not r.media("image") and not r.media("audio"))
+    encoded = [encode_row(r, processor) for r in (with_image, text, with_audio)]
+    assert len({int(e["input_ids"].numel()) for e in encoded}) == 3  # right padding in the batch
+    return collate(encoded, processor.tokenizer.pad_token_id)
+
+
+def lora_model(tiny, implementation: str) -> torch.nn.Module:
+    model = copy.deepcopy(tiny[0]).float()
+    model.set_attn_implementation(implementation)
+    torch.manual_seed(0)
+    model = apply_lora(model, LoraSection(r=4))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)  # nonzero B, so the LoRA path is part of the comparison
+    return model
+
+
+def test_chunked_attention_equals_eager(tiny, batch, monkeypatch) -> None:
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # the sliding window is 64: it spans several chunks
+    assert batch["input_ids"].shape[1] > 5 * attention.QUERY_CHUNK
+    results = {}
+    for implementation in ("eager", attention.register()):
+        model = lora_model(tiny, implementation)
+        out = model(**batch)
+        logits = out.logits[batch["attention_mask"].bool()]
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[implementation] = logits.detach(), out.loss.detach(), grads
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results["eager"], results[attention.IMPLEMENTATION]
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4), (logits - ref_logits).abs().max()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 20
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], atol=1e-6, rtol=1e-3), name
+
+
+def test_chunk_masks_tile_the_dense_mask() -> None:
+    """Every chunk's mask, put back at its key span, rebuilds transformers' dense mask (sliding window, padding and
+    a bidirectional block that reaches past the window), and nothing outside the spans is allowed."""
+    length, window = 50, 8
+    blocks = torch.full((2, length), -1)
+    blocks[0, 10:30] = 0  # an image of 20 tokens: attends both ways, beyond the 8-token window
+    padding = torch.ones(2, length, dtype=torch.bool)
+    padding[1, 41:] = False
+    function = or_masks(sliding_window_causal_mask_function(window), blockwise_overlay(blocks))
+    dense = sdpa_mask(batch_size=2, q_length=length, kv_length=length, mask_function=function, attention_mask=padding,
+                      allow_is_causal_skip=False, use_vmap=True)
+    chunked = attention.chunked_mask(batch_size=2, q_length=length, kv_length=length, mask_function=function,
+                                     attention_mask=padding, chunk=7)
+    rebuilt = torch.zeros_like(dense)
+    for c in chunked.chunks:
+        rebuilt[:, :, c.q_start : c.q_end, c.k_start : c.k_end] = c.allowed
+    assert torch.equal(rebuilt, dense)
+    assert not chunked.causal
+    assert max(c.k_end - c.k_start for c in chunked.chunks) < length  # a chunk sees a span, not every key
+    plain = attention.chunked_mask(batch_size=1, q_length=length, kv_length=length,
+                                   mask_function=and_masks(padding_mask_function(torch.ones(1, length, dtype=torch.bool)),
+                                                           lambda b, h, q, k: k <= q))
+    assert plain.causal

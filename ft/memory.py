@@ -29,7 +29,7 @@ language-model projections (`tests/test_memory.py` holds the measured tables, `b
     >>> from ft.tiny import build_tiny
     >>> counts = count_parameters(build_tiny()[0].config, LoraSection())
     >>> plan = estimate(counts, tokens=256, backend="hf", quantized=False)
-    >>> plan.total_gib < 1
+    >>> plan.total_gib - plan.slack < 0.1
     True
 """
 
@@ -51,10 +51,12 @@ NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit absmax p
 LORA_BYTES = 16  # fp32 weight, gradient and two AdamW moments
 FULL_LOGIT_BYTES = 24  # per vocabulary entry per token, transformers' own loss
 SLACK_GIB = 0.55  # fitted to the plain unsloth and transformers runs
-# ft's path, fitted to its H200 runs (tests/test_memory.py): bytes per token, per unit of residual width and of MLP
-# width, of the layer being recomputed; and the slack (allocator, workspaces, trl's head tile of 4096 x 32768).
-HF_RESIDUAL_BYTES = 24.0
-HF_MLP_BYTES = 8.0
+# ft's path: bytes per token, per unit of residual width and of MLP width, of the layer being recomputed, and the
+# slack (allocator, workspaces, trl's head tile of 4096 x 32768). Not yet fitted to a GPU run of this path: set on
+# the high side of what the layer's saved tensors add up to (about 90 residual-wide and 60 MLP-wide bf16 values a
+# token between the recomputed forward and its backward) until bench/train_12b.py measures them.
+HF_RESIDUAL_BYTES = 48.0
+HF_MLP_BYTES = 12.0
 HF_SLACK_GIB = 1.0
 OFFLOAD_STASH = 5  # checkpointed layer inputs trl keeps on the GPU while they are copied out (max_fwd_stash_size)
 
@@ -91,7 +93,7 @@ class MemoryPlan:
                 "tiled_mlp": self.tiled_mlp}
 
     def table(self) -> str:
-        where = "CPU memory, trl's stash on the GPU" if self.offload else "on the GPU"
+        where = "offloaded, trl's stash" if self.offload else "on the GPU"
         rows = [(f"base weights ({self.base})", self.weights), ("LoRA weights, gradients, AdamW", self.lora),
                 (f"checkpointed layer inputs ({where})", self.checkpoints),
                 (f"layer being recomputed ({self.tokens} tokens{', MLP tiled' if self.tiled_mlp else ''})",

@@ -87,6 +87,9 @@ class RecipeTrainer(SFTTrainer):
         loss = causal_lm_loss(hidden, causal_lm.lm_head, inputs["labels"], softcap, num_items=num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """No trl model card: it would land among the checkpoints; the run directory documents itself."""
+
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 

@@ -54,7 +54,9 @@ def test_nf4_forward_equals_full_precision_with_dequantized_weights(nf4_model) -
                 weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
                 reference.get_submodule(name).weight.copy_(weight)
         ids = torch.tensor([[2, 10, 11, 12, 40, 41, 42, 43]])
-        expected, got = reference(input_ids=ids).logits, nf4_model(input_ids=ids).logits
+        # In training mode, as QLoRA runs: in eval mode, on CPUs with AVX512-BF16, bitsandbytes 0.50 swaps in a
+        # fused bf16 inference kernel that is about 1e-2 off.
+        expected, got = reference.train()(input_ids=ids).logits, nf4_model.train()(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -1,6 +1,7 @@
-"""ft's chunked attention (ft.attention) against transformers' own eager attention on the tiny model: the same
-logits and LoRA gradients on a padded batch with image and audio rows, with query chunks small enough that every
-row spans many chunks and the sliding window crosses chunk borders; and its per-chunk masks against the dense mask."""
+"""ft's machinery for long rows against references, on the tiny model and a padded batch with image and audio rows:
+its chunked attention (ft.attention) against transformers' own eager attention, with query chunks small enough that
+every row spans many chunks and the sliding window crosses chunk borders (same logits, same LoRA gradients), its
+per-chunk masks against the dense mask, and the tiled MLP (ft.tiling) against the untiled one."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ft.data import load_rows
 from ft.encode import collate, encode_row
 from ft.lora import apply_lora
 from ft.recipe import LoraSection
+from ft.tiling import tile_mlps
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +49,36 @@ def lora_model(tiny, implementation: str) -> torch.nn.Module:
     return model
 
 
-def test_chunked_attention_equals_eager(tiny, batch, monkeypatch) -> None:
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # the sliding window is 64: it spans several chunks
-    assert batch["input_ids"].shape[1] > 5 * attention.QUERY_CHUNK
-    results = {}
-    for implementation in ("eager", attention.register()):
-        model = lora_model(tiny, implementation)
-        out = model(**batch)
-        logits = out.logits[batch["attention_mask"].bool()]
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[implementation] = logits.detach(), out.loss.detach(), grads
-    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results["eager"], results[attention.IMPLEMENTATION]
+def forward_backward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+    """Logits at real tokens, the loss and every LoRA gradient."""
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits[batch["attention_mask"].bool()].detach(), out.loss.item(), grads
+
+
+def assert_same(result: tuple, reference: tuple) -> None:
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = result, reference
     assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4), (logits - ref_logits).abs().max()
-    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert grads.keys() == ref_grads.keys() and len(grads) > 20
     for name, grad in grads.items():
         assert torch.allclose(grad, ref_grads[name], atol=1e-6, rtol=1e-3), name
+
+
+def test_chunked_attention_equals_eager(tiny, batch, monkeypatch) -> None:
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # the sliding window is 64: it spans several chunks
+    assert batch["input_ids"].shape[1] > 5 * attention.QUERY_CHUNK
+    reference = forward_backward(lora_model(tiny, "eager"), batch)
+    assert_same(forward_backward(lora_model(tiny, attention.register()), batch), reference)
+
+
+def test_tiled_mlp_equals_untiled(tiny, batch) -> None:
+    reference = forward_backward(lora_model(tiny, "eager"), batch)
+    model = lora_model(tiny, "eager")
+    assert tile_mlps(model, tile=24) == 6  # every decoder layer's MLP, each row cut into several tiles
+    assert batch["input_ids"].shape[1] > 3 * 24
+    assert_same(forward_backward(model, batch), reference)
 
 
 def test_chunk_masks_tile_the_dense_mask() -> None:

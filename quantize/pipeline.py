@@ -112,9 +112,13 @@ class Export:
         return self.folder / f"{self.name}-{suffix}.gguf"
 
     def make(self, path: Path, kind: str, inputs: str, build: Callable[[Path], object], **extra: str) -> Path:
-        if self.manifest.is_current(path, inputs):
+        state = self.manifest.state(path, inputs)
+        if state == "current":
             console.print(f"[dim]up to date: {path.name}")
             return path
+        if state == "damaged":
+            console.print(f"[yellow]{path.name} is damaged: its SHA-256 differs from manifest.json's; making it again",
+                          highlight=False)
         console.print(f"writing {path.name}")
         build(path)
         self.manifest.record(path, kind=kind, inputs=inputs, **extra)

@@ -203,6 +203,17 @@ def test_killed_export_resumes_to_identical_files(trained: Path, exported: Path,
         assert (folder / name).read_bytes() == (exported / name).read_bytes(), name
 
 
+def test_damaged_file_is_reported_and_made_again(exported: Path, tmp_path: Path) -> None:
+    run = copy_run(exported.parent, tmp_path)
+    damaged = run / "gguf" / "run-Q8_0.gguf"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    result = run_ft("quantize", str(run))
+    assert result.returncode == 0, result.stderr
+    assert "run-Q8_0.gguf is damaged: its SHA-256 differs from manifest.json's" in result.stderr, result.stderr
+    assert "writing run-Q8_0.gguf" in result.stderr and "up to date: run-Q6_K.gguf" in result.stderr, result.stderr
+    assert gguf_shas(run / "gguf") == gguf_shas(exported)
+
+
 def test_foreign_export_dir_is_refused(exported: Path, tmp_path: Path) -> None:
     run = copy_run(exported.parent, tmp_path, export=False)
     (tmp_path / "mine").mkdir()

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ from eval.divergence import ROW_BLOCK, Divergence, log_softmax
 from eval.mtp import decode_all, mismatches, mtp_summary, tokens_per_second
 from eval.report import write_report
 from eval.runner import EvalError, chunks, greedy, load, scored_logits
-from eval.tasks import Prompt, heldout_prompts, reasoning_prompts, text_only
+from eval.tasks import Prompt, check_tasks, heldout_prompts, reasoning_prompts, text_only
 from ft.data import load_rows
 from ft.errors import FtError
 from ft.recipe import EvalSection, ExportSection, Recipe
+from ft.rundir import claim, lock
 
 console = Console(stderr=True)
 
@@ -164,11 +166,23 @@ def versions() -> dict[str, str]:
 
 def evaluate_run(target: Path) -> Path:
     """Measure every quant of a run against its reference GGUF and write the report; returns the report folder."""
-    from ft.models import load_processor
-    from quantize.manifest import Manifest
-    from quantize.pipeline import export_run, resolve_run
+    from quantize.pipeline import resolve_run
 
     run, recipe = resolve_run(target)
+    check_tasks(recipe)  # before any export or model work
+    with ExitStack() as held:  # one writer: the run (and its export, which export_run claims) and the eval folder
+        held.enter_context(lock(run))
+        with recipe.blame("output.dir"):
+            held.enter_context(claim(recipe.eval_dir(run), "eval"))
+        return write_evaluation(run, recipe, recipe.eval_dir(run))
+
+
+def write_evaluation(run: Path, recipe: Recipe, out: Path) -> Path:
+    """Export what is missing, measure every quant, and write the report into `out`; returns `out`."""
+    from ft.models import load_processor
+    from quantize.manifest import Manifest
+    from quantize.pipeline import export_run
+
     settings = recipe.eval or EvalSection()
     export = recipe.export or ExportSection()
     folder = export_run(run, extra_quants=settings.quants)
@@ -177,8 +191,6 @@ def evaluate_run(target: Path) -> Path:
     drafters = [f for f in manifest.files.values() if f["kind"] == "MTP drafter"]
     drafter = folder / drafters[0]["file"] if drafters and settings.speed else None
     processor = load_processor(str(folder / "merged"), recipe.data.image_soft_tokens)
-    out = run / "eval"
-    out.mkdir(parents=True, exist_ok=True)
 
     rows = [(f"{export.reference} (reference)", reference)] + [(q, folder / f"{run.name}-{q}.gguf") for q in settings.quants]
     prompts = reasoning_prompts(settings.tasks, settings.samples, settings.seed) if settings.samples else []

@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
 from ft.data import Row
-from ft.errors import FtError
+from ft.errors import RecipeError
+from ft.recipe import Recipe
 
 INSTRUCTION = "Reply with the final answer only."
 
@@ -28,15 +30,28 @@ def reasoning_prompts(tasks: list[str], samples: int, seed: int) -> list[Prompt]
     import reasoning_gym
 
     prompts = []
-    for task in tasks:
-        try:
-            dataset = reasoning_gym.create_dataset(task, size=samples, seed=seed)
-        except (KeyError, ValueError) as exc:
-            raise FtError(f"eval.tasks: unknown reasoning-gym task '{task}' ({exc})") from None
-        for item in dataset:
+    for task in tasks:  # names were checked against the registry when the recipe was (check_tasks)
+        for item in reasoning_gym.create_dataset(task, size=samples, seed=seed):
             question = f"{item['question']}\n{INSTRUCTION}"
             prompts.append(Prompt(task, [{"role": "user", "content": question}], str(item["answer"])))
     return prompts
+
+
+def check_tasks(recipe: Recipe) -> None:
+    """Every eval.tasks name is a reasoning-gym task; all unknown names are reported at once, with a "did you mean"
+    and their place in the recipe. (Importing reasoning_gym fills its registry: about a second.)"""
+    if recipe.eval is None:
+        return
+    from reasoning_gym.factory import DATASETS
+
+    problems = []
+    for i, task in enumerate(recipe.eval.tasks):
+        if task not in DATASETS:
+            close = difflib.get_close_matches(task, list(DATASETS), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else "see reasoning_gym.factory.DATASETS for the names"
+            problems.append(f"{recipe.where(f'eval.tasks.{i}')}: unknown reasoning-gym task '{task}' ({hint})")
+    if problems:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems))
 
 
 def _text(content: Any) -> str | None:

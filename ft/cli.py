@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from ft import rundir
 from ft.errors import FtError
+from ft.preflight import check_recipe
 from ft.recipe import Recipe
 from ft.recipe_io import load_recipe
 
@@ -46,19 +49,23 @@ def train(
     export / eval sections."""
     try:
         loaded = load_recipe(recipe, overrides)
-        # The stages that run llama.cpp are imported before training imports torch (see quantize/__init__.py).
-        if loaded.export is not None:
-            import quantize.pipeline
-        if loaded.eval is not None:
-            import eval.pipeline
-        from ft.train import train as run_training  # heavy imports (torch, transformers) only when training
+        check_recipe(loaded, resume)  # before anything slow: a recipe that cannot work fails in about a second
+        with loaded.blame("output.dir"):
+            held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
+        with held:
+            # The stages that run llama.cpp are imported before training imports torch (see quantize/__init__.py).
+            if loaded.export is not None:
+                import quantize.pipeline
+            if loaded.eval is not None:
+                import eval.pipeline
+            from ft.train import train as run_training  # heavy imports (torch, transformers) only when training
 
-        summary = run_training(loaded, resume=resume)
-        err.print_json(json.dumps(summary))
-        if loaded.export is not None:
-            quantize.pipeline.export_run(loaded.output.dir)
-        if loaded.eval is not None:
-            eval.pipeline.evaluate_run(loaded.output.dir)
+            summary = run_training(loaded, resume=resume)
+            err.print_json(json.dumps(summary))
+            if loaded.export is not None:
+                quantize.pipeline.export_run(loaded.output.dir)
+            if loaded.eval is not None:
+                eval.pipeline.evaluate_run(loaded.output.dir)
     except FtError as exc:
         _fail(exc)
 
@@ -93,9 +100,10 @@ def evaluate(
 
 @app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
-    """Check a recipe (schema, paths and every data row) without training."""
+    """Check a recipe (schema, output folders, eval tasks, every data row) without training."""
     try:
         loaded = load_recipe(recipe, overrides)
+        check_recipe(loaded)
         from ft.models import load_processor
         from ft.train import load_data
 
@@ -135,4 +143,10 @@ def schema() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # Interpreter teardown would run the cycle collector over every object torch, transformers and llama.cpp
+        # imported (about 500,000): a second after "ok" on an idle 2-core machine, far longer on a loaded one.
+        # Frozen objects are left to the OS, which frees the memory anyway; atexit handlers still run.
+        gc.freeze()

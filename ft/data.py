@@ -38,11 +38,15 @@ class Row:
     problems: list[str] = field(default_factory=list)
 
     def media(self, kind: str) -> list[Path]:
+        return [path for _, path in self.media_parts(kind)]
+
+    def media_parts(self, kind: str) -> list[tuple[str, Path]]:
+        """(field path such as `messages[0].content[1].path`, file) of every `kind` part, in order."""
         return [
-            self.base / part["path"]
-            for message in self.messages
+            (f"messages[{i}].content[{j}].path", self.base / part["path"])
+            for i, message in enumerate(self.messages)
             if isinstance(message.get("content"), list)
-            for part in message["content"]
+            for j, part in enumerate(message["content"])
             if isinstance(part, dict) and part.get("type") == kind and isinstance(part.get("path"), str)
         ]
 
@@ -62,7 +66,9 @@ def _read_jsonl(path: Path) -> list[Row]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                rows.append(Row([], where, path.parent, [f"not valid JSON ({exc.msg} at column {exc.colno})"]))
+                # Some of json's messages end in "at" themselves ("Invalid control character at").
+                problem = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+                rows.append(Row([], where, path.parent, [f"not valid JSON ({problem})"]))
                 continue
             if not isinstance(record, dict):
                 rows.append(Row([], where, path.parent, ["a row must be a JSON object with a 'messages' key"]))
@@ -137,6 +143,8 @@ def _check_image(path: Path) -> list[str]:
     try:
         with Image.open(path) as image:
             image.verify()
+    except Image.DecompressionBombError as exc:  # far beyond any image size that ft warns about (ft.validate)
+        return [f"image {path.name} is too large to open ({exc})"]
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         return [f"unreadable image {path.name} ({exc})"]
     return []

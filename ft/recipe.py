@@ -10,6 +10,7 @@ Every field is documented here and in README.md's recipe reference; unknown keys
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,8 +235,17 @@ class Recipe(Section):
     _where: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def where(self, key: str) -> str:
-        """`file:line: key` (or `override '...': key`) of a recipe key, for errors found after validation."""
-        return f"{self._where[key]}: {key}" if key in self._where else key
+        """`file:line: key` (or `override '...': key`) of a recipe key, for errors found after validation.
+
+        List items are keyed by index (`eval.tasks.1`, shown as `eval.tasks[1]`); a key the file does not spell
+        out (a default, or an item of an overridden list) is placed at the nearest enclosing key that it does.
+        """
+        shown = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+        parts = key.split(".")
+        for end in range(len(parts), 0, -1):
+            if (place := self._where.get(".".join(parts[:end]))) is not None:
+                return f"{place}: {shown}"
+        return shown
 
     @contextmanager
     def blame(self, key: str) -> Iterator[None]:
@@ -244,6 +254,16 @@ class Recipe(Section):
             yield
         except FtError as exc:
             raise type(exc)(f"{self.where(key)}: {exc}") from None
+
+    def export_dir(self, run: Path | None = None) -> Path:
+        """Where `ft quantize` writes: export.dir, else `gguf/` in the run directory (`run`, default output.dir)."""
+        if self.export is not None and self.export.dir is not None:
+            return self.export.dir
+        return (run or self.output.dir) / "gguf"
+
+    def eval_dir(self, run: Path | None = None) -> Path:
+        """Where `ft eval` writes: `eval/` in the run directory (`run`, default output.dir)."""
+        return (run or self.output.dir) / "eval"
 
     def resolve_paths(self, base: Path) -> Recipe:
         """Return a copy whose relative paths are anchored at `base` (the recipe file's folder)."""

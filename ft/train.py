@@ -13,6 +13,7 @@ Run directory (`output.dir`):
     summary.json      final numbers of the run
     gguf/, eval/      written next by `ft quantize` and `ft eval` (the CLI chains them when the recipe has export /
                       eval sections)
+    .ft-run, .ft-lock ft's marker and the lock of the process writing the folder (`ft.rundir`)
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from ft.batching import LengthGroupedEpochSampler, padding_share
 from ft.callbacks import MetricsLog, RichProgress, StepClock, read_metrics
 from ft.data import Row, load_rows
 from ft.encode import collate_items, encoded_dataset
-from ft.errors import FtError
 from ft.kernels import use_liger_kernels
 from ft.lora import apply_lora, lora_modules
 from ft.loss import causal_lm_loss
@@ -47,10 +47,15 @@ from ft.memory import MemoryPlan, check_budget, plan_for
 from ft.models import default_device, load_config, load_model, load_processor
 from ft.plots import loss_curve
 from ft.recipe import Recipe
+from ft.rundir import clear
 from ft.tiling import tile_mlps
 from ft.validate import check_rows
 
 console = Console(stderr=True)
+# What ft writes into a run directory (the module docstring's list, wandb's offline run, and ft quantize's copies of
+# a tiny base model and drafter); a fresh start removes these, and the export and eval folders ft claimed there.
+RUN_ENTRIES = ("recipe.yaml", "checkpoints", "adapter", "metrics.jsonl", "loss.png", "summary.json", "wandb", "base",
+               "drafter-base")
 
 
 class RecipeTrainer(SFTTrainer):
@@ -109,30 +114,25 @@ class RecipeTrainer(SFTTrainer):
 
 
 def checkpoint_to_resume(recipe: Recipe, resume: bool) -> Path | None:
-    """The checkpoint a run continues from (None: a fresh start); refuses to clobber a run by accident."""
-    run = recipe.output.dir
-    checkpoints = run / "checkpoints"
+    """The checkpoint a run continues from (None: a fresh start). Whether a fresh start may replace the folder's
+    run was decided before anything loaded (`ft.preflight`)."""
+    if not resume:
+        return None
+    checkpoints = recipe.output.dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if resume:
-        if last is None:
-            console.print(f"[yellow]no checkpoint in {checkpoints}; starting from step 0")
-        return Path(last) if last else None
-    if (run / "recipe.yaml").exists() and not recipe.output.overwrite:
-        raise FtError(
-            f"{recipe.where('output.dir')}: {run} already holds a run; use --resume to continue it, or set "
-            "output.overwrite=true (or pick another output.dir) to start afresh"
-        )
-    return None
+    if last is None:
+        console.print(f"[yellow]no checkpoint in {checkpoints}; starting from step 0")
+    return Path(last) if last else None
 
 
 def prepare_run_dir(recipe: Recipe, resume_from: Path | None) -> Path:
-    """Create (or, for a fresh start, empty) the run directory and record the resolved recipe in it."""
+    """Empty the claimed run directory of ft's own entries for a fresh start (any other file stays) and record the
+    resolved recipe in it."""
     run = recipe.output.dir
     if resume_from is None:
-        shutil.rmtree(run, ignore_errors=True)
+        clear(run, RUN_ENTRIES)
     remove_stale_temporaries(run)
     shutil.rmtree(run / "checkpoints" / ".staging", ignore_errors=True)
-    run.mkdir(parents=True, exist_ok=True)
     write_text(run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     return run
 
@@ -238,11 +238,10 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
-    """Run the training stage of a validated recipe and return the run's summary."""
+    """Run the training stage of a recipe that passed `ft.preflight` and whose run directory this process has
+    claimed (`ft.rundir`); return the run's summary."""
     started = time.time()
     device = default_device()
-    if recipe.train.backend == "unsloth":
-        raise FtError(f"{recipe.where('train.backend')}: unsloth is not available in this release; use hf (or auto)")
     last_checkpoint = checkpoint_to_resume(recipe, resume)
     set_seed(recipe.train.seed)
     with recipe.blame("model.name"):

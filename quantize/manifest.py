@@ -1,16 +1,19 @@
 """manifest.json of an export: every file with size, SHA-256, type and bits per weight, and what it was made from.
 
 The manifest makes `ft quantize` resumable: a file whose entry matches (same inputs, same SHA-256 on disk) is
-skipped on a rerun; anything else is made again. It is rewritten atomically after each finished file, so a kill
-loses at most the file in progress.
+skipped on a rerun; anything else is made again, and a file whose bytes no longer match its entry is reported as
+damaged. It is rewritten atomically after each finished file, so a kill loses at most the file in progress.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> m = Manifest(d / "manifest.json")
     >>> _ = (d / "a.txt").write_text("hello")
     >>> m.record(d / "a.txt", kind="text", inputs="v1")
-    >>> m.is_current(d / "a.txt", inputs="v1"), m.is_current(d / "a.txt", inputs="v2")
-    (True, False)
+    >>> m.state(d / "a.txt", inputs="v1"), m.state(d / "a.txt", inputs="v2"), m.state(d / "b.txt", inputs="v1")
+    ('current', 'outdated', 'new')
+    >>> _ = (d / "a.txt").write_text("hell")
+    >>> m.state(d / "a.txt", inputs="v1")
+    'damaged'
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ft.atomic import write_text
 
@@ -56,9 +59,16 @@ class Manifest:
         if path.is_file():
             self.files = {f["file"]: f for f in json.loads(path.read_text())["files"]}
 
-    def is_current(self, path: Path, inputs: str) -> bool:
+    def state(self, path: Path, inputs: str) -> Literal["current", "new", "outdated", "damaged"]:
+        """`current` when the file on disk is the one recorded for these inputs; `damaged` when it was, but its
+        bytes changed since (truncated, overwritten); `new` when there is no such file, `outdated` when its inputs
+        changed."""
         entry = self.files.get(path.name)
-        return bool(entry and entry["inputs"] == inputs and path.is_file() and sha256(path) == entry["sha256"])
+        if entry is None or not path.is_file():
+            return "new"
+        if entry["inputs"] != inputs:
+            return "outdated"
+        return "current" if sha256(path) == entry["sha256"] else "damaged"
 
     def record(self, path: Path, kind: str, inputs: str, **extra: Any) -> None:
         entry = {"file": path.name, "kind": kind, "size": path.stat().st_size, "sha256": sha256(path),

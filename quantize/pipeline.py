@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from ft.encode import collate, encode_row
 from ft.errors import FtError
 from ft.recipe import ExportSection, Recipe
 from ft.recipe_io import load_recipe
+from ft.rundir import claim, lock
 from quantize.manifest import Manifest, fingerprint, sha256
 from quantize.merge import merge_lora
 
@@ -101,9 +103,8 @@ class Export:
     """One export folder and its manifest; `make` runs a step unless its output is current."""
 
     def __init__(self, folder: Path, name: str) -> None:
-        self.folder = folder
+        self.folder = folder  # claimed by this process (ft.rundir)
         self.name = name
-        folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
         self.manifest = Manifest(folder / "manifest.json")
 
@@ -111,9 +112,13 @@ class Export:
         return self.folder / f"{self.name}-{suffix}.gguf"
 
     def make(self, path: Path, kind: str, inputs: str, build: Callable[[Path], object], **extra: str) -> Path:
-        if self.manifest.is_current(path, inputs):
+        state = self.manifest.state(path, inputs)
+        if state == "current":
             console.print(f"[dim]up to date: {path.name}")
             return path
+        if state == "damaged":
+            console.print(f"[yellow]{path.name} is damaged: its SHA-256 differs from manifest.json's; making it again",
+                          highlight=False)
         console.print(f"writing {path.name}")
         build(path)
         self.manifest.record(path, kind=kind, inputs=inputs, **extra)
@@ -167,6 +172,16 @@ def importance_matrix(job: Export, merged: Path, merged_inputs: str, recipe: Rec
 
 def export_run(target: Path, extra_quants: list[str] | tuple[str, ...] = ()) -> Path:
     """Run every export step for a training run (plus `extra_quants`, which eval asks for); returns the folder."""
+    run, recipe = resolve_run(target)
+    with ExitStack() as held:  # one writer: the run (its model caches) and the export folder, until the end
+        held.enter_context(lock(run))
+        with recipe.blame("output.dir" if recipe.export is None or recipe.export.dir is None else "export.dir"):
+            held.enter_context(claim(recipe.export_dir(run), "export"))
+        return write_export(Export(recipe.export_dir(run), run.name), run, recipe, extra_quants)
+
+
+def write_export(job: Export, run: Path, recipe: Recipe, extra_quants: list[str] | tuple[str, ...]) -> Path:
+    """Every export step into `job`'s folder, each skipped when its file is current."""
     from quantize.gguf_drafter import write_drafter
     from quantize.gguf_lm import write_language_model
     from quantize.gguf_mmproj import write_projector
@@ -174,9 +189,7 @@ def export_run(target: Path, extra_quants: list[str] | tuple[str, ...] = ()) -> 
     from quantize.llama_quant import quantize
     from quantize.modelfile import export_readme, modelfile, sampling_defaults
 
-    run, recipe = resolve_run(target)
     export = recipe.export or ExportSection()
-    job = Export(export.dir or run / "gguf", run.name)
     merged, merged_inputs = merged_checkpoint(run, recipe, job.folder)
 
     ref_type = export.reference

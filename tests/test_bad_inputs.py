@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -364,6 +365,8 @@ def _bad_rows() -> list[BadRow]:
     audio = _part("audio", str(DEMO_AUDIO))
     return [
         BadRow("invalid-json", '{"messages": [{"role": "user", "content": "hi"}', None, "not valid JSON"),
+        BadRow("control-character-in-json", '{"messages": "a\tb"}', None,
+               "not valid JSON (Invalid control character at column 16)"),
         BadRow("row-not-an-object", '[{"role": "user", "content": "hi"}]', None, "must be a JSON object"),
         BadRow("row-is-a-string", '"hello"', None, "must be a JSON object"),
         BadRow("messages-missing", json.dumps({"conversation": [user(TEXT), ASSISTANT]}), "'messages'",
@@ -401,6 +404,9 @@ def _bad_rows() -> list[BadRow]:
                "unreadable image corrupt.png"),
         BadRow("truncated-image", row(user(_part("image", "truncated.png")), ASSISTANT),
                "messages[0].content[0].path", "unreadable image truncated.png"),
+        BadRow("image-smaller-than-a-patch", row(user(TEXT, _part("image", "one-pixel.png")), ASSISTANT),
+               "messages[0].content[1].path",
+               "image one-pixel.png is 1x1 px, smaller than the image processor's 16x16 px patch"),
         BadRow("garbage-audio", row(user(_part("audio", "garbage.wav")), ASSISTANT), "messages[0].content[0].path",
                "unreadable audio garbage.wav"),
         BadRow("zero-byte-audio", row(user(_part("audio", "zero-bytes.wav")), ASSISTANT),
@@ -431,6 +437,7 @@ def _write_bad_media(folder: Path) -> None:
     (folder / "corrupt.png").write_bytes(b"this is not a png \x00\x01\x02\x03\xff\xfe")
     image = DEMO_IMAGE.read_bytes()
     (folder / "truncated.png").write_bytes(image[: len(image) // 2])
+    Image.new("RGB", (1, 1)).save(folder / "one-pixel.png")
     (folder / "garbage.wav").write_bytes(b"RIFF....WAVEnot audio at all")
     (folder / "zero-bytes.wav").write_bytes(b"")
     soundfile.write(str(folder / "no-frames.wav"), np.zeros(0, dtype=np.float32), 16_000)
@@ -447,6 +454,15 @@ def _bad_rows_file(folder: Path) -> list[list[str]]:
 
 DATA_ROWS = SlowCase("data-rows", _bad_rows_file)
 CONTROL = SlowCase("demo-recipe", lambda folder: [["validate", str(ROOT / "recipes" / "demo.yaml")]])
+
+
+def _large_image(folder: Path) -> list[list[str]]:
+    Image.new("L", (8000, 8000)).save(folder / "large.png", compress_level=1)
+    (folder / "rows.jsonl").write_text(GOOD_ROW + "\n" + row(user(TEXT, _part("image", "large.png")), ASSISTANT) + "\n")
+    return recipe_with(folder, edit("train: train.jsonl", "train: rows.jsonl"))
+
+
+LARGE_IMAGE = SlowCase("large-image", _large_image)
 
 
 # -------------------------------------------------------------------------- running slow cases two at a time
@@ -488,8 +504,10 @@ def jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             wanted.add(DATA_ROWS.id)
         if item.name == "test_demo_recipe_is_valid":
             wanted.add(CONTROL.id)
+        if item.name == "test_large_image_is_accepted_with_a_warning":
+            wanted.add(LARGE_IMAGE.id)
     jobs = Jobs(tmp_path_factory)
-    for case in [CONTROL, DATA_ROWS, *SLOW_CASES]:
+    for case in [CONTROL, DATA_ROWS, LARGE_IMAGE, *SLOW_CASES]:
         if case.id in wanted:
             jobs.start(case)
     yield jobs
@@ -529,3 +547,12 @@ def test_demo_recipe_is_valid(jobs: Jobs) -> None:
     assert result.returncode == 0, shown(result)
     assert "ok:" in result.stderr and "demo.yaml" in result.stderr, shown(result)
     assert "ft: error" not in result.stderr, shown(result)
+
+
+def test_large_image_is_accepted_with_a_warning(jobs: Jobs) -> None:
+    """An 8000x8000 image is resized by the processor like any other; ft says which row holds it, and passes."""
+    (result,) = jobs.results(LARGE_IMAGE)
+    assert "Traceback" not in result.stdout + result.stderr, shown(result)
+    assert result.returncode == 0, shown(result)
+    warning = "rows.jsonl:2: messages[0].content[1].path: image large.png is 8000x8000 px (64.0 MP, over 41.3 MP)"
+    assert warning in result.stderr, shown(result)

@@ -26,6 +26,7 @@ from gguf import GGUFReader, LlamaFileType
 from conftest import ROOT, run_ft
 from ft.errors import RecipeError
 from ft.recipe_io import load_recipe
+from ft.rundir import LOCK
 
 pytestmark = pytest.mark.slow
 
@@ -144,14 +145,16 @@ def test_modelfile_and_readme(exported: Path) -> None:
 
 
 def test_rerun_skips_every_file_and_changes_nothing(exported: Path) -> None:
-    files = [p for p in exported.rglob("*") if p.is_file()]
-    before = {p: (p.stat().st_mtime_ns, sha256(p)) for p in files}
+    def files() -> list[Path]:  # but the lock file, which holds the PID of the last writer
+        return sorted(p for p in exported.rglob("*") if p.is_file() and p.name != LOCK)
+
+    before = {p: (p.stat().st_mtime_ns, sha256(p)) for p in files()}
     result = run_ft("quantize", str(exported.parent))
     assert result.returncode == 0, result.stderr
     for name in manifest(exported):
         assert f"up to date: {name}" in result.stderr, result.stderr
     assert "writing" not in result.stderr and "merging" not in result.stderr, result.stderr
-    assert sorted(p for p in exported.rglob("*") if p.is_file()) == sorted(files)
+    assert files() == sorted(before)
     for path, (mtime, digest) in before.items():
         assert sha256(path) == digest, path
         if path.name not in ("Modelfile", "README.md"):  # rewritten (same bytes) on every run
@@ -198,6 +201,26 @@ def test_killed_export_resumes_to_identical_files(trained: Path, exported: Path,
     assert manifest(folder) == manifest(exported)  # sha256, size, inputs and bits per weight alike
     for name in ("Modelfile", "README.md"):
         assert (folder / name).read_bytes() == (exported / name).read_bytes(), name
+
+
+def test_damaged_file_is_reported_and_made_again(exported: Path, tmp_path: Path) -> None:
+    run = copy_run(exported.parent, tmp_path)
+    damaged = run / "gguf" / "run-Q8_0.gguf"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    result = run_ft("quantize", str(run))
+    assert result.returncode == 0, result.stderr
+    assert "run-Q8_0.gguf is damaged: its SHA-256 differs from manifest.json's" in result.stderr, result.stderr
+    assert "writing run-Q8_0.gguf" in result.stderr and "up to date: run-Q6_K.gguf" in result.stderr, result.stderr
+    assert gguf_shas(run / "gguf") == gguf_shas(exported)
+
+
+def test_foreign_export_dir_is_refused(exported: Path, tmp_path: Path) -> None:
+    run = copy_run(exported.parent, tmp_path, export=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    set_export(run, dir=str(tmp_path / "mine"))
+    assert_clean_failure(run_ft("quantize", str(run)), "export.dir", "not made by ft")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["precious.txt"]
 
 
 def test_not_a_run_fails_clearly(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from ft.callbacks import read_metrics
 from ft.data import load_rows
 from ft.encode import collate, encode_row
 from ft.tiny import build_tiny
@@ -80,15 +81,23 @@ def test_killed_run_resumes_to_the_same_result(demo_run, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+    assert (run / ".ft-lock").read_text().strip() == str(process.pid)  # left behind; the kernel dropped the lock
 
     result = run_ft("train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", *stages, "--resume")
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stderr
+    # Every logged step once, with the losses, gradient norms and learning rates of the uninterrupted run.
+    compared = ("step", "epoch", "loss", "eval_loss", "grad_norm", "learning_rate")
+    resumed_log, uninterrupted_log = ([{k: r[k] for k in compared if k in r} for r in read_metrics(path)]
+                                      for path in (run / "metrics.jsonl", demo_run / "metrics.jsonl"))
+    assert [r["step"] for r in resumed_log] == [r["step"] for r in uninterrupted_log]
+    for got, want in zip(resumed_log, uninterrupted_log, strict=True):
+        assert got == pytest.approx(want, rel=1e-4), got["step"]
     resumed = json.loads((run / "summary.json").read_text())
     uninterrupted = json.loads((demo_run / "summary.json").read_text())
     for key in ("steps", "train_loss_last", "eval_loss_first", "eval_loss_last"):
         assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-4), key
-    for checkpoint in (run / "checkpoints").iterdir():
+    for checkpoint in (run / "checkpoints").glob("checkpoint-*"):  # trl also writes a model card (README.md) there
         json.loads((checkpoint / "trainer_state.json").read_text())
         load_file(checkpoint / "adapter_model.safetensors")
         torch.load(checkpoint / "optimizer.pt", weights_only=True)
@@ -99,6 +108,11 @@ def test_killed_run_resumes_to_the_same_result(demo_run, tmp_path):
 
 
 def test_existing_run_is_not_clobbered(demo_run):
+    def state() -> dict[Path, tuple[int, int]]:
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in demo_run.rglob("*") if p.is_file()}
+
+    before = state()
     result = run_ft("train", str(DEMO), f"output.dir={demo_run}", "output.overwrite=false", "logging.wandb=disabled")
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert state() == before

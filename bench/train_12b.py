@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 POINTS = ("2048", "8192", "16384", "32768", "mm", "mixed4")
-PATHS = ("ft", "ft-untiled", "unsloth")
+PATHS = ("ft", "ft-tiled", "ft-untiled", "unsloth")
 STEPS = 3
 SENTENCE = "The quick brown fox jumps over the lazy dog while the river runs past the old house. "
 
@@ -264,7 +264,7 @@ def main() -> None:
             continue
         for point in args.points:
             results.setdefault(path, {})[point] = run_ft(args.work, point, model, tiny,
-                                                         "off" if path == "ft-untiled" else "auto")
+                                                         {"ft-tiled": "on", "ft-untiled": "off"}.get(path, "auto"))
             _write(args, results)
             print(table(results), flush=True)
     print(table(results), flush=True)
@@ -274,8 +274,10 @@ def _write(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    commands = json.loads(args.out.read_text()).get("commands", []) if args.out.is_file() else []
     payload = {"benchmark": "train_12b", "shape": args.shape, "date": datetime.date.today().isoformat(),
-               "device": device, "command": " ".join(sys.argv), "steps_per_point": STEPS,
+               "device": device, "commands": [*commands, "python -m bench.train_12b " + " ".join(sys.argv[1:])],
+               "steps_per_point": STEPS,
                "notes": "tokens_per_second: non-pad tokens over the steps after the first; first_step_after_seconds: "
                         "process start to the end of the first optimizer step (unsloth's includes compilation)",
                "results": results}

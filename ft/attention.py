@@ -20,8 +20,13 @@ at head_dim 256, and FlexAttention compiles once per sequence length (every batc
     >>> import torch
     >>> from transformers.masking_utils import causal_mask_function
     >>> mask = chunked_mask(batch_size=1, q_length=5, kv_length=5, mask_function=causal_mask_function, chunk=2)
-    >>> [(c.q_start, c.q_end, c.k_start, c.k_end) for c in mask.chunks], mask.causal
-    ([(0, 2, 0, 2), (2, 4, 0, 4), (4, 5, 0, 5)], True)
+    >>> mask.causal, mask.chunks
+    (True, [])
+    >>> from transformers.masking_utils import sliding_window_causal_mask_function
+    >>> window = chunked_mask(batch_size=1, q_length=5, kv_length=5, chunk=2,
+    ...                       mask_function=sliding_window_causal_mask_function(2))
+    >>> [(c.q_start, c.q_end, c.k_start, c.k_end) for c in window.chunks], window.causal
+    ([(0, 2, 0, 2), (2, 4, 1, 4), (4, 5, 3, 5)], False)
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ class MaskChunk:
 
 @dataclass(frozen=True)
 class ChunkedMask:
-    """A layer type's attention mask, cut into query chunks; `causal` when it is the plain causal mask."""
+    """A layer type's attention mask, cut into query chunks; `causal` (and no chunks kept) when it is the plain
+    causal mask."""
 
     chunks: list[MaskChunk]
     causal: bool
@@ -95,8 +101,10 @@ def chunked_mask(
         causal = causal and bool(torch.equal(allowed, torch.broadcast_to(keys <= queries, allowed.shape)))
         seen = allowed.any(dim=1).any(dim=0).nonzero()
         k_start, k_end = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, 1)
-        chunks.append(MaskChunk(q_start, q_end, k_start, k_end, allowed[:, None, :, k_start:k_end]))
-    return ChunkedMask(chunks, causal)
+        # A copy of the span, not a view: a view would keep the chunk's row over every key alive, which is the
+        # sequence x sequence mask again, one chunk at a time.
+        chunks.append(MaskChunk(q_start, q_end, k_start, k_end, allowed[:, None, :, k_start:k_end].clone()))
+    return ChunkedMask([] if causal else chunks, causal)
 
 
 def chunked_attention(

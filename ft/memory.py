@@ -51,13 +51,12 @@ NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit absmax p
 LORA_BYTES = 16  # fp32 weight, gradient and two AdamW moments
 FULL_LOGIT_BYTES = 24  # per vocabulary entry per token, transformers' own loss
 SLACK_GIB = 0.55  # fitted to the plain unsloth and transformers runs
-# ft's path: bytes per token, per unit of residual width and of MLP width, of the layer being recomputed, and the
-# slack (allocator, workspaces, trl's head tile of 4096 x 32768). Not yet fitted to a GPU run of this path: set on
-# the high side of what the layer's saved tensors add up to (about 90 residual-wide and 60 MLP-wide bf16 values a
-# token between the recomputed forward and its backward) until bench/train_12b.py measures them.
-HF_RESIDUAL_BYTES = 48.0
-HF_MLP_BYTES = 12.0
-HF_SLACK_GIB = 1.0
+# ft's path, fitted to its H200 runs at the 12B shape (tests/test_memory.py holds them): bytes per token, per unit of
+# residual width and of MLP width, of the layer being recomputed (its MLP share held for one tile when tiled), and
+# the slack (allocator, workspaces, trl's head tile of 4096 x 32768). The fit reproduces all 7 runs within 1%.
+HF_RESIDUAL_BYTES = 69.0
+HF_MLP_BYTES = 5.0
+HF_SLACK_GIB = 0.7
 OFFLOAD_STASH = 5  # checkpointed layer inputs trl keeps on the GPU while they are copied out (max_fwd_stash_size)
 
 Backend = Literal["hf", "unsloth", "transformers"]

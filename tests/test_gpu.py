@@ -1,7 +1,10 @@
 """GPU-only checks, run where CUDA exists (the device tool's machine) and skipped with the reason elsewhere.
 
 A short LoRA run of the tiny model on the GPU gives the same loss curve as on the CPU: same recipe, same seed, fp32
-weights and no quantization on both (on CUDA `auto` would pick NF4), so that only the kernels differ.
+weights and no quantization on both (on CUDA `auto` would pick NF4), so that only the code that runs on CUDA alone
+differs: trl's fused LM head against ft's chunked loss, Liger's RMSNorm and GeGLU kernels, and, with gradient
+checkpointing, activation offloading (the demo's rows are shorter than one MLP tile; tests/test_long_rows.py checks
+tiles on the CPU).
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_gpu_loss_curve_matches_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed-offloaded"])
+def test_gpu_loss_curve_matches_cpu(tmp_path: Path, checkpointing: bool) -> None:
     curves = {}
     for device, env in (("cpu", {"CUDA_VISIBLE_DEVICES": ""}), ("cuda", {})):
         (tmp_path / device).mkdir()
         recipe = write_recipe(tmp_path / device / "r.yaml", model={"dtype": "float32", "quantization": "none"},
-                              train={"max_steps": 20, "log_every": 2, "eval_every": 10, "save_every": 20})
+                              train={"max_steps": 20, "log_every": 2, "eval_every": 10, "save_every": 20,
+                                     "gradient_checkpointing": checkpointing,
+                                     "tiled_mlp": "on" if checkpointing else "off"})
         sections = yaml.safe_load(recipe.read_text())
         del sections["export"], sections["eval"]  # training alone
         recipe.write_text(yaml.safe_dump(sections))

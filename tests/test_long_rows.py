@@ -104,3 +104,15 @@ def test_chunk_masks_tile_the_dense_mask() -> None:
                                    mask_function=and_masks(padding_mask_function(torch.ones(1, length, dtype=torch.bool)),
                                                            lambda b, h, q, k: k <= q))
     assert plain.causal
+
+
+def test_chunk_masks_hold_memory_linear_in_length() -> None:
+    """What the masks of a step keep grows with length x (chunk + window), not length x length: each chunk owns its
+    span's entries (no view into its row over every key), and a plain causal mask keeps no chunks at all."""
+    length, window, chunk = 4096, 64, 64
+    sliding = attention.chunked_mask(batch_size=1, q_length=length, kv_length=length, chunk=chunk,
+                                     mask_function=sliding_window_causal_mask_function(window))
+    held = sum(c.allowed.untyped_storage().nbytes() for c in sliding.chunks)
+    assert held <= length * (chunk + window) < length * length // 16
+    causal = attention.chunked_mask(batch_size=1, q_length=length, kv_length=length, chunk=chunk)
+    assert causal.causal and causal.chunks == []

@@ -39,6 +39,15 @@ def _fail(exc: FtError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _check_recipe(recipe: Recipe, resume: bool = False) -> None:
+    """Every check that needs only the recipe (`ft.preflight`), and its eval tasks against reasoning-gym's registry."""
+    check_recipe(recipe, resume)
+    if recipe.eval is not None:
+        from eval.tasks import check_tasks  # the eval package loads llama.cpp first (see quantize/__init__.py)
+
+        check_tasks(recipe)
+
+
 @app.command()
 def train(
     recipe: RecipeArg,
@@ -49,7 +58,7 @@ def train(
     export / eval sections."""
     try:
         loaded = load_recipe(recipe, overrides)
-        check_recipe(loaded, resume)  # before anything slow: a recipe that cannot work fails in about a second
+        _check_recipe(loaded, resume)  # before anything slow: a recipe that cannot work fails in about a second
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
         with held:
@@ -103,7 +112,7 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check a recipe (schema, output folders, eval tasks, every data row) without training."""
     try:
         loaded = load_recipe(recipe, overrides)
-        check_recipe(loaded)
+        _check_recipe(loaded)
         from ft.models import load_processor
         from ft.train import load_data
 

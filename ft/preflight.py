@@ -2,8 +2,8 @@
 
 `ft validate` and `ft train` call `check_recipe` first, so a recipe that cannot work fails in about a second, naming
 the recipe line and key: the training backend, the run directory, export and eval folders (folders ft may write, see
-`ft.rundir`; a run directory that holds a run only with --resume or output.overwrite) and eval.tasks against
-reasoning-gym's registry. The schema (`ft.recipe`) has already checked single values and the rules between keys, such
+`ft.rundir`; a run directory that holds a run only with --resume or output.overwrite). eval.tasks is checked against
+reasoning-gym's registry by the CLI, which chains the stages (`eval.tasks.check_tasks`). The schema (`ft.recipe`) has already checked single values and the rules between keys, such
 as train.warmup_steps below train.max_steps and known export.quants types.
 """
 
@@ -15,8 +15,7 @@ from ft.recipe import Recipe
 
 
 def check_recipe(recipe: Recipe, resume: bool = False) -> None:
-    """Raise FtError, naming file, line and key: an unavailable backend, the first folder problem, or every
-    unknown eval task."""
+    """Raise FtError, naming file, line and key: an unavailable backend or the first folder problem."""
     if recipe.train.backend == "unsloth":
         raise RecipeError(f"{recipe.where('train.backend')}: unsloth is not available in this release; "
                           "use hf (or auto)")
@@ -39,6 +38,3 @@ def check_recipe(recipe: Recipe, resume: bool = False) -> None:
     if recipe.eval is not None:
         with recipe.blame("output.dir"):
             rundir.check(recipe.eval_dir(), "eval")
-        from eval.tasks import check_tasks  # the eval package loads llama.cpp first (see quantize/__init__.py)
-
-        check_tasks(recipe)

@@ -105,7 +105,9 @@ def test_demo_quants_degrade_monotonically(results: dict[str, Any], rows: dict[s
     print("bpw", bpw, "mean KLD", kld, "top-1", top1)
     assert bpw == sorted(bpw, reverse=True) and len(set(bpw)) == len(bpw)
     assert all(a < b for a, b in zip(kld, kld[1:])), kld
-    assert all(a > b for a, b in zip(top1, top1[1:])), top1
+    # Top-1 agreement counts a few hundred scored tokens: neighbouring quants can tie on it (Q6_K and Q4_K_M did on
+    # an AVX512-BF16 CPU), so it must not rise, and must fall from the best quant to the worst.
+    assert all(a >= b for a, b in zip(top1, top1[1:])) and top1[0] > top1[-1], top1
     assert kld[0] > 0
 
 

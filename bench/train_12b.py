@@ -13,7 +13,9 @@ keeps what it measured and the next call adds the rest.
     python -m bench.train_12b --work /tmp/t --shape tiny --points 2048 mm mixed4          # a CPU check of the script
 
 Points: text rows of 2048, 8192, 16384 or 32768 tokens (batch 1); `mm`, one row of a 1120-soft-token image, 60 s of
-audio and text; `mixed4`, a mixed-length text/image/audio set at batch 4, length-grouped.
+audio and text; `mixed4`, a mixed-length text/image/audio set at batch 4, length-grouped. Paths: `ft` (the recipe's
+`train.tiled_mlp: auto`, which never tiles under the bench's 80 GiB budget), `ft-tiled` and `ft-untiled` (`on`,
+`off`), `unsloth` (text points only).
 """
 
 from __future__ import annotations

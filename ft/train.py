@@ -59,9 +59,10 @@ RUN_ENTRIES = ("recipe.yaml", "checkpoints", "adapter", "metrics.jsonl", "loss.p
 
 
 class RecipeTrainer(SFTTrainer):
-    """trl's SFTTrainer (its fused LM head and activation offloading) on ft's own encoded rows, with three changes:
+    """trl's SFTTrainer (its fused LM head and activation offloading) on ft's own encoded rows. What ft changes:
     checkpoints appear under `checkpoint-N` only when complete, rows of similar length are batched together when
-    given a sampler (`ft.batching`), and on CPUs the loss is ft's chunked one (`ft.loss`): trl's head is Triton.
+    given a sampler (`ft.batching`), on CPUs the loss is ft's chunked one (`ft.loss`; trl's head is Triton), each
+    step's tokens are counted for the step clock, and trl writes no model card among the checkpoints.
 
     transformers writes a checkpoint file by file into its final folder, so a kill mid-save leaves a folder that
     `--resume` would pick up and fail on. Here each checkpoint is written into a hidden staging folder and renamed.
@@ -166,6 +167,13 @@ def offloads_activations(recipe: Recipe, device: str) -> bool:
     return recipe.train.gradient_checkpointing and device == "cuda" and setting != "off"
 
 
+def tiles_mlp(recipe: Recipe, plan: MemoryPlan | None) -> bool:
+    """Whether the MLP runs a tile of tokens at a time (`ft.tiling`): `on`, or `auto` where the CUDA memory plan
+    needs it; only with gradient checkpointing."""
+    t = recipe.train
+    return t.gradient_checkpointing and (t.tiled_mlp == "on" or plan is not None and plan.tiled_mlp)
+
+
 def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> SFTConfig:
     t, run = recipe.train, recipe.output.dir
     mode = wandb_mode(recipe.logging.wandb)
@@ -261,7 +269,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     model.set_attn_implementation(attention.register())
     if device == "cuda":
         use_liger_kernels(model)
-    if recipe.train.tiled_mlp == "on" or plan is not None and plan.tiled_mlp:
+    if tiles_mlp(recipe, plan):
         tile_mlps(model)
     run = prepare_run_dir(recipe, last_checkpoint)
 

@@ -45,6 +45,7 @@ from torch import nn
 from ft.errors import FtError
 from ft.lora import target_regex
 from ft.recipe import LoraSection, Recipe
+from ft.tiling import TILE
 
 GIB = 1 << 30
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit absmax per 64, an fp32 scale per 256 absmax
@@ -137,8 +138,6 @@ def count_parameters(config: object, lora: LoraSection) -> ParamCounts:
 def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool,
              gradient_checkpointing: bool = True, offload: bool = False, tiled_mlp: bool = False) -> MemoryPlan:
     """Peak GPU memory of a LoRA step over `tokens` tokens (batch rows x padded length, soft tokens included)."""
-    from ft.tiling import TILE
-
     other_bytes = 4 if quantized and backend == "transformers" else 2
     weights = counts.quantizable * (NF4_BYTES if quantized else 2) + counts.other * other_bytes
     layer_input = counts.hidden * 2

@@ -119,10 +119,15 @@ def chunked_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface for `IMPLEMENTATION`: query (batch, heads, length, head_dim), key and
     value (batch, kv_heads, length, head_dim); returns (batch, length, heads, head_dim)."""
-    groups = query.shape[1] // key.shape[1]
-    # One key/value head (the full layers) is widened as a stride-0 view; sliding layers' 8 heads are copied once.
-    key = key.expand(-1, query.shape[1], -1, -1) if key.shape[1] == 1 else key.repeat_interleave(groups, dim=1)
-    value = value.expand(-1, query.shape[1], -1, -1) if value.shape[1] == 1 else value.repeat_interleave(groups, dim=1)
+    heads = query.shape[1]
+
+    def widen(states: torch.Tensor) -> torch.Tensor:
+        # One key/value head (the full layers) becomes a stride-0 view; sliding layers' 8 heads are copied once.
+        if states.shape[1] == 1:
+            return states.expand(-1, heads, -1, -1)
+        return states.repeat_interleave(heads // states.shape[1], dim=1)
+
+    key, value = widen(key), widen(value)
     if attention_mask is None or attention_mask.causal:
         output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
                                                 is_causal=query.shape[2] > 1)

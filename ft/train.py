@@ -161,20 +161,16 @@ def wandb_mode(setting: str) -> str:
     return setting
 
 
-def offloads_activations(recipe: Recipe, device: str) -> bool:
-    """Whether checkpointed layer inputs wait in CPU memory (trl's activation offloading, CUDA only)."""
-    setting = recipe.train.offload_activations
-    return recipe.train.gradient_checkpointing and device == "cuda" and setting != "off"
-
-
 def tiles_mlp(recipe: Recipe, plan: MemoryPlan | None) -> bool:
-    """Whether the MLP runs a tile of tokens at a time (`ft.tiling`): `on`, or `auto` where the CUDA memory plan
-    needs it; only with gradient checkpointing."""
-    t = recipe.train
-    return t.gradient_checkpointing and (t.tiled_mlp == "on" or plan is not None and plan.tiled_mlp)
+    """Whether the MLP runs a tile of tokens at a time (`ft.tiling`): as the CUDA memory plan decided, or, on a CPU
+    (no plan), when the recipe says `on`; only with gradient checkpointing."""
+    if plan is not None:
+        return plan.tiled_mlp
+    return recipe.train.gradient_checkpointing and recipe.train.tiled_mlp == "on"
 
 
-def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> SFTConfig:
+def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: MemoryPlan | None) -> SFTConfig:
+    """The Trainer's settings; offloading follows the CUDA memory plan (there is none, and no offloading, on CPUs)."""
     t, run = recipe.train, recipe.output.dir
     mode = wandb_mode(recipe.logging.wandb)
     if mode != "disabled":
@@ -204,7 +200,7 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool) -> SFTConfig
         save_total_limit=t.keep_checkpoints,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},  # offloading and MLP tiles need the non-reentrant kind
-        activation_offloading=offloads_activations(recipe, device),
+        activation_offloading=plan is not None and plan.offload,
         bf16=device == "cuda" and recipe.model.dtype in ("auto", "bfloat16"),
         use_cpu=device == "cpu",
         remove_unused_columns=False,
@@ -278,7 +274,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     metrics, clock = MetricsLog(run / "metrics.jsonl"), StepClock()
     trainer = RecipeTrainer(
         model=model,
-        args=training_arguments(recipe, device, bool(eval_rows)),
+        args=training_arguments(recipe, device, bool(eval_rows), plan),
         train_dataset=encoded_dataset(train_rows, processor),
         eval_dataset=encoded_dataset(eval_rows, processor) if eval_rows else None,
         processing_class=processor,

@@ -38,14 +38,21 @@ console = Console(stderr=True)
 
 
 def evaluation_tokens(settings: EvalSection, recipe: Recipe, processor: Any, llm: Any) -> list[int]:
-    """Tokens of the evaluation text: a text file, or the held-out rows rendered by the chat template."""
+    """Tokens of the evaluation text, as `llama-perplexity` tokenizes its file: BOS first where the vocabulary adds
+    one, so that window i covers the same tokens as llama-perplexity's chunk i. A text file is read as plain text
+    (special-token names in it stay text, as there); held-out rows are rendered by the chat template, whose turn
+    markers are special tokens and which may itself open with BOS (never doubled)."""
     if settings.text is not None:
-        text = settings.text.read_text(encoding="utf-8")
+        text, special = settings.text.read_text(encoding="utf-8"), False
     else:
         source = recipe.data.eval or recipe.data.train
         conversations = text_only(load_rows(source))
-        text = "".join(processor.apply_chat_template(c, tokenize=False) for c in conversations)
-    tokens = llm.tokenize(text.encode(), add_bos=False, special=True)[: settings.max_tokens]
+        text, special = "".join(processor.apply_chat_template(c, tokenize=False) for c in conversations), True
+    tokens = llm.tokenize(text.encode(), add_bos=False, special=special)
+    bos = llm.tokenize(b"", add_bos=True, special=False)  # [BOS] where the vocabulary adds one, else []
+    if tokens[:1] != bos:
+        tokens = bos + tokens
+    tokens = tokens[: settings.max_tokens]
     if len(tokens) < settings.context:
         raise FtError(f"eval.context: the evaluation text has {len(tokens)} tokens, fewer than one chunk "
                       f"({settings.context}); lower eval.context or give a longer eval.text")

@@ -93,7 +93,8 @@ def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None =
 
 
 def chunks(tokens: list[int], n_ctx: int, bos: int) -> Iterator[list[int]]:
-    """Consecutive windows of n_ctx tokens, each starting with BOS in place of its first token (as llama.cpp)."""
+    """Consecutive windows of n_ctx tokens, each starting with BOS in place of its first token, as llama-perplexity
+    cuts the text (which starts with BOS itself: `eval.pipeline.evaluation_tokens`)."""
     for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
         window = tokens[start : start + n_ctx]
         yield [bos, *window[1:]]

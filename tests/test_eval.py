@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import yaml
-from conftest import run_ft
+from conftest import ROOT, run_ft
 from scipy import stats
 from scipy.special import log_softmax
 
@@ -175,6 +175,48 @@ def test_divergence_matches_numpy_on_llama_cpp_logits(demo_run: Path, processor)
     # Against exact float64 log-probs, float32 storage costs ~1e-8 nats per position.
     exact = independent_metrics(log_probs(ref_logits), log_probs(logits), targets)
     assert got == pytest.approx(exact, rel=1e-6, abs=5e-8)
+
+
+def perplexity_windows(llm: Any, text: str, n_ctx: int) -> list[list[int]]:
+    """The token windows `llama-perplexity -f FILE -c n_ctx` decodes (tools/perplexity/perplexity.cpp): the file
+    tokenized by llama.cpp with add_special=true, parse_special=false (`common_tokenize`), cut into tokens.size() /
+    n_ctx chunks, each chunk's first token replaced by BOS when the vocabulary adds one."""
+    vocab = llm._model.vocab
+    data = text.encode()
+    ids = (llama_cpp.llama_token * (len(data) + 8))()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), ids, len(data) + 8, True, False)
+    tokens = list(ids[:n])
+    add_bos = llama_cpp.llama_vocab_get_add_bos(vocab)
+    windows = []
+    for i in range(len(tokens) // n_ctx):
+        window = tokens[i * n_ctx : (i + 1) * n_ctx]
+        if add_bos:
+            window[0] = llama_cpp.llama_vocab_bos(vocab)
+        windows.append(window)
+    return windows
+
+
+def test_windows_are_llama_perplexitys(demo_run: Path, processor, tmp_path: Path) -> None:
+    """ft scores the very tokens llama-perplexity scores on the same text file: window for window, token for token
+    (before the fix every window was shifted by one token, the text having been tokenized without BOS)."""
+    text = (ROOT / "data" / "demo" / "train.jsonl").read_text()  # plain text that holds "<" and chat-like names
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text(text)
+    settings = EvalSection(context=64, max_tokens=100_000, threads=1, text=text_file)
+    llm = load(gguf_file(demo_run, "F32"), 64, vocab_only=True)
+    expected = perplexity_windows(llm, text, settings.context)
+    tokens = evaluation_tokens(settings, load_recipe(demo_run / "recipe.yaml"), processor, llm)
+    got = list(chunks(tokens, settings.context, llm.token_bos()))
+    assert llama_cpp.llama_vocab_get_add_bos(llm._model.vocab) and len(expected) > 3
+    assert got == expected
+    assert tokens[0] == llm.token_bos() and tokens[1] != llm.token_bos()
+
+
+def test_chat_rendered_text_starts_with_one_bos(demo_run: Path, processor) -> None:
+    llm = load(gguf_file(demo_run, "F32"), 64, vocab_only=True)
+    tokens = evaluation_tokens(EvalSection(context=64, threads=1), load_recipe(demo_run / "recipe.yaml"), processor,
+                               llm)
+    assert tokens[0] == llm.token_bos() and tokens[1] != llm.token_bos()
 
 
 # 4. The exact-match scorer ----------------------------------------------------------------------------------------

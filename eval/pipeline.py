@@ -11,10 +11,12 @@ llama.cpp (llama-cpp-python) running the GGUF files; the reference is the unquan
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -171,32 +173,63 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "torch": torch.__version__}
 
 
-def evaluate_run(target: Path) -> Path:
-    """Measure every quant of a run against its reference GGUF and write the report; returns the report folder."""
+def evaluate_run(target: Path, overrides: Sequence[str] = (), remeasure: bool = False) -> Path:
+    """Measure every quant of a run against its reference GGUF and write the report; returns the report folder.
+    `overrides` may change `eval.*` and `export.*`; results measured from the same files and settings are reused
+    unless `remeasure`."""
     from quantize.pipeline import resolve_run
 
-    run, recipe = resolve_run(target)
+    run, recipe = resolve_run(target, overrides, sections=("eval", "export"))
     check_tasks(recipe)  # before any export or model work
-    with ExitStack() as held:  # one writer: the run (and its export, which export_run claims) and the eval folder
+    with ExitStack() as held:  # one writer: the run (and its export, which export_trained claims) and the eval folder
         held.enter_context(lock(run))
         with recipe.blame("output.dir"):
             held.enter_context(claim(recipe.eval_dir(run), "eval"))
-        return write_evaluation(run, recipe, recipe.eval_dir(run))
+        return write_evaluation(run, recipe, recipe.eval_dir(run), remeasure)
 
 
-def write_evaluation(run: Path, recipe: Recipe, out: Path) -> Path:
-    """Export what is missing, measure every quant, and write the report into `out`; returns `out`."""
+def evaluation_inputs(recipe: Recipe, manifest: Any, files: list[Path]) -> str:
+    """What an evaluation's numbers depend on: its settings, the bytes of every file measured, the evaluation data,
+    the machine and the software. Equal inputs mean the saved results still stand."""
+    from quantize.manifest import fingerprint, sha256
+
+    settings = recipe.eval or EvalSection()
+    data = [settings.text, recipe.data.eval, recipe.data.train]
+    return fingerprint("eval", settings.model_dump(mode="json"), [manifest.entry(f.name)["sha256"] for f in files],
+                       [sha256(p) if p is not None and p.is_file() else str(p) for p in data], device_name(),
+                       versions())
+
+
+def saved_results(out: Path, inputs: str) -> dict[str, Any] | None:
+    """The results in `out` when they were measured from `inputs` (and their report is still there); else None."""
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if results.get("inputs") == inputs and (out / "report.md").is_file() else None
+
+
+def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = False) -> Path:
+    """Export what is missing, measure every quant (unless up-to-date results are there), and write the report into
+    `out`; returns `out`."""
     from ft.models import load_processor
     from quantize.manifest import Manifest
-    from quantize.pipeline import export_run
+    from quantize.pipeline import export_trained
 
     settings = recipe.eval or EvalSection()
     export = recipe.export or ExportSection()
-    folder = export_run(run, extra_quants=settings.quants)
+    folder = export_trained(run, recipe, extra_quants=settings.quants)
     manifest = Manifest(folder / "manifest.json")
     reference = folder / f"{run.name}-{export.reference}.gguf"
     drafters = [f for f in manifest.files.values() if f["kind"] == "MTP drafter"]
     drafter = folder / drafters[0]["file"] if drafters and settings.speed else None
+    measured_files = [reference, *(folder / f"{run.name}-{q}.gguf" for q in settings.quants)]
+    inputs = evaluation_inputs(recipe, manifest, [*measured_files, *([drafter] if drafter else [])])
+    saved = None if remeasure else saved_results(out, inputs)
+    if saved is not None:
+        console.print(f"up to date: {out / 'report.md'} (measured {saved['date']} from these files and settings; "
+                      "--remeasure measures again)", highlight=False)
+        return out
     processor = load_processor(str(folder / "merged"), recipe.data.image_soft_tokens)
 
     rows = [(f"{export.reference} (reference)", reference)] + [(q, folder / f"{run.name}-{q}.gguf") for q in settings.quants]
@@ -228,7 +261,7 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path) -> Path:
     results = {
         "run": run.name, "reference": reference.name, "reference_type": export.reference,
         "drafter": drafter.name if drafter else None, "device": device_name(), "versions": versions(),
-        "date": datetime.date.today().isoformat(), "settings": settings.model_dump(mode="json"),
+        "date": datetime.date.today().isoformat(), "inputs": inputs, "settings": settings.model_dump(mode="json"),
         "tasks": list(dict.fromkeys(p.task for p in prompts)), "divergence_tokens": int(len(targets)),
         "quants": measured,
     }

@@ -139,11 +139,13 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write_report(results: dict[str, Any], folder: Path) -> None:
-    write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")
+    """Report and plots, then results.json last: results.json on disk means its report was written in full."""
     write_text(folder / "report.md", markdown(results))
-    if any("divergence" in q for q in results["quants"]):
-        plot_divergence(results, folder / "divergence.png")
-    if any(q.get("accuracy") for q in results["quants"]):
-        plot_accuracy(results, folder / "accuracy.png")
-    if any(q.get("speed") for q in results["quants"]):
-        plot_speed(results, folder / "speed.png")
+    plots = {"divergence.png": (plot_divergence, "divergence"), "accuracy.png": (plot_accuracy, "accuracy"),
+             "speed.png": (plot_speed, "speed")}
+    for name, (plot, key) in plots.items():
+        if any(q.get(key) for q in results["quants"]):
+            plot(results, folder / name)
+        else:  # a plot from an earlier evaluation with other settings would contradict this report
+            (folder / name).unlink(missing_ok=True)
+    write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")

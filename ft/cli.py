@@ -1,8 +1,8 @@
 """`ft` command line: train, quantize, eval, validate, plan, schema.
 
     ft train recipes/demo.yaml [--resume] [KEY.PATH=VALUE ...]
-    ft quantize runs/demo
-    ft eval runs/demo
+    ft quantize runs/demo [export.KEY=VALUE ...]
+    ft eval runs/demo [--remeasure] [eval.KEY=VALUE | export.KEY=VALUE ...]
     ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
     ft plan recipes/gemma4-12b-qlora.yaml [KEY.PATH=VALUE ...]
     ft schema > recipe.schema.json
@@ -79,15 +79,20 @@ def train(
         _fail(exc)
 
 
+RunArg = Annotated[Path, typer.Argument(help="A run directory, or the recipe that trained it.", show_default=False)]
+
+
 @app.command()
 def quantize(
-    target: Annotated[Path, typer.Argument(help="A run directory, or the recipe that trained it.", show_default=False)],
+    target: RunArg,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Export overrides such as export.quants=[Q8_0].",
+                                                          show_default=False)] = None,
 ) -> None:
     """Merge the run's LoRA and write GGUF files, projector, drafter, Modelfile and manifest."""
     from quantize.pipeline import export_run
 
     try:
-        folder = export_run(target)
+        folder = export_run(target, overrides or [])
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {folder}")
@@ -95,13 +100,17 @@ def quantize(
 
 @app.command(name="eval")
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="A run directory, or the recipe that trained it.", show_default=False)],
+    target: RunArg,
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="Eval and export overrides such as eval.quants=[Q8_0,Q2_K].", show_default=False)] = None,
+    remeasure: Annotated[bool, typer.Option("--remeasure", help="Measure again even if the saved results are up "
+                                                                "to date.")] = False,
 ) -> None:
     """Measure each quant against the reference GGUF (KLD, top-1, accuracy) and decode speed with MTP on/off."""
     from eval.pipeline import evaluate_run
 
     try:
-        folder = evaluate_run(target)
+        folder = evaluate_run(target, overrides or [], remeasure)
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {folder / 'report.md'}")

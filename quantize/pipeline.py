@@ -16,7 +16,7 @@ Steps, each skipped on a rerun when manifest.json says its output is current:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,16 +36,24 @@ console = Console(stderr=True)
 FIRST_CHOICE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the quant the Modelfile points at, if exported
 
 
-def resolve_run(target: Path) -> tuple[Path, Recipe]:
-    """A run directory, or a recipe whose output.dir is one; the run must hold a finished adapter."""
+def resolve_run(target: Path, overrides: Sequence[str] = (),
+                sections: Sequence[str] = ("export",)) -> tuple[Path, Recipe]:
+    """A run directory, or a recipe whose output.dir is one; the run must hold a finished adapter. `overrides`
+    (KEY.PATH=VALUE, as `ft train` takes them) may change only `sections`: the rest was fixed when the run trained."""
+    for override in overrides:
+        section = override.partition("=")[0].split(".")[0]
+        if section not in sections:
+            allowed = " and ".join(f"{s}.*" for s in sections)
+            raise FtError(f"override '{override}': {section}.* was fixed when the run trained; only {allowed} "
+                          "can change here (train again to change the rest)")
     if target.is_file() or target.suffix in (".yaml", ".yml"):
-        recipe = load_recipe(target)
+        recipe = load_recipe(target, list(overrides))
         run = recipe.output.dir
     else:
         run = target
         if not (run / "recipe.yaml").is_file():
             raise FtError(f"{run}: not a run directory (no recipe.yaml); pass a run directory or a recipe file")
-        recipe = load_recipe(run / "recipe.yaml")
+        recipe = load_recipe(run / "recipe.yaml", list(overrides))
     if not (run / "adapter" / "adapter_model.safetensors").is_file():
         raise FtError(f"{run}: no trained adapter (adapter/adapter_model.safetensors); run `ft train` first")
     return run, recipe
@@ -170,9 +178,14 @@ def importance_matrix(job: Export, merged: Path, merged_inputs: str, recipe: Rec
     return job.make(job.folder / f"{job.name}-imatrix.gguf", "importance matrix", inputs, build)
 
 
-def export_run(target: Path, extra_quants: list[str] | tuple[str, ...] = ()) -> Path:
-    """Run every export step for a training run (plus `extra_quants`, which eval asks for); returns the folder."""
-    run, recipe = resolve_run(target)
+def export_run(target: Path, overrides: Sequence[str] = ()) -> Path:
+    """Run every export step for a training run (with `export.*` overrides); returns the export folder."""
+    run, recipe = resolve_run(target, overrides)
+    return export_trained(run, recipe)
+
+
+def export_trained(run: Path, recipe: Recipe, extra_quants: Sequence[str] = ()) -> Path:
+    """Every export step for `run` as `recipe` says, plus `extra_quants` (which eval asks for)."""
     with ExitStack() as held:  # one writer: the run (its model caches) and the export folder, until the end
         held.enter_context(lock(run))
         with recipe.blame("output.dir" if recipe.export is None or recipe.export.dir is None else "export.dir"):
@@ -180,7 +193,7 @@ def export_run(target: Path, extra_quants: list[str] | tuple[str, ...] = ()) -> 
         return write_export(Export(recipe.export_dir(run), run.name), run, recipe, extra_quants)
 
 
-def write_export(job: Export, run: Path, recipe: Recipe, extra_quants: list[str] | tuple[str, ...]) -> Path:
+def write_export(job: Export, run: Path, recipe: Recipe, extra_quants: Sequence[str]) -> Path:
     """Every export step into `job`'s folder, each skipped when its file is current."""
     from quantize.gguf_drafter import write_drafter
     from quantize.gguf_lm import write_language_model

@@ -456,3 +456,48 @@ def test_eval_without_prompts_still_reports(demo_run: Path, tmp_path: Path) -> N
     results = json.loads((evaluate_run(run) / "results.json").read_text())
     assert [q["type"] for q in results["quants"]] == ["F32 (reference)", "Q8_0"]
     assert all("divergence" in q and "error" not in q for q in results["quants"])
+
+
+def test_ft_eval_takes_overrides_and_reuses_up_to_date_results(demo_run: Path, tmp_path: Path) -> None:
+    """`ft eval RUN eval.quants=[...]` measures what the overrides ask; the same command again reuses the saved
+    results (nothing re-measured, results.json untouched); --remeasure measures again and finds the same numbers."""
+    run = copy_run(demo_run, tmp_path)
+    args = ["eval", str(run), "eval.quants=[Q8_0,Q2_K]", "eval.samples=0", "eval.heldout=false",
+            "eval.speed=false", "eval.threads=1"]
+    first = run_ft(*args)
+    assert first.returncode == 0, first.stderr
+    results_file = run / "eval" / "results.json"
+    measured = json.loads(results_file.read_text())
+    assert [q["type"] for q in measured["quants"]] == ["F32 (reference)", "Q8_0", "Q2_K"]
+    assert measured["settings"]["quants"] == ["Q8_0", "Q2_K"] and not (run / "eval" / "accuracy.png").exists()
+    stamp = results_file.stat().st_mtime_ns
+    again = run_ft(*args)
+    assert again.returncode == 0, again.stderr
+    assert "up to date: " in again.stderr and "reference pass" not in again.stderr
+    assert results_file.stat().st_mtime_ns == stamp
+    forced = run_ft(*args, "--remeasure")
+    assert forced.returncode == 0 and "reference pass" in forced.stderr, forced.stderr
+    remeasured = json.loads(results_file.read_text())
+    for old, new in zip(measured["quants"], remeasured["quants"], strict=True):
+        assert new["divergence"] == pytest.approx(old["divergence"], rel=1e-9, abs=1e-12), new["type"]
+    other = run_ft(*args[:-1], "eval.threads=2")  # other settings: measured again
+    assert other.returncode == 0 and "reference pass" in other.stderr, other.stderr
+
+
+def test_ft_eval_and_quantize_refuse_overrides_of_the_trained_recipe(demo_run: Path) -> None:
+    for command, allowed in (("eval", "eval.* and export.*"), ("quantize", "export.*")):
+        result = run_ft(command, str(demo_run), "train.lr=1e-4")
+        assert result.returncode == 2, result.stderr
+        assert f"override 'train.lr=1e-4': train.* was fixed when the run trained; only {allowed}" in result.stderr
+    bad = run_ft("eval", str(demo_run), "eval.quantz=[Q8_0]")
+    assert bad.returncode == 2 and "override 'eval.quantz=[Q8_0]'" in bad.stderr and "quants" in bad.stderr
+
+
+def test_ft_quantize_takes_export_overrides(demo_run: Path, tmp_path: Path) -> None:
+    run = copy_run(demo_run, tmp_path)
+    result = run_ft("quantize", str(run), "export.quants=[Q5_K_M]")
+    assert result.returncode == 0, result.stderr
+    assert f"writing {run.name}-Q5_K_M.gguf" in result.stderr
+    manifest = Manifest(run / "gguf" / "manifest.json")
+    assert manifest.entry(f"{run.name}-Q5_K_M.gguf")["type"] == "Q5_K_M"
+    assert "Q5_K_M" in (run / "gguf" / "Modelfile").read_text()

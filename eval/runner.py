@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import os
 from collections.abc import Iterable, Iterator
@@ -41,6 +42,7 @@ class _GGUFParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]  # ggml's struct gguf_init_params
 
 
+@functools.cache
 def _gguf_library() -> ctypes.CDLL:
     """ggml's GGUF parser (in the ggml library that llama-cpp-python ships, which has no Python binding for it)."""
     from llama_cpp._ggml import libggml
@@ -69,14 +71,16 @@ def check_gguf(path: Path) -> None:
     if not header:
         raise EvalError(f"{path}: not a valid GGUF file (llama.cpp cannot parse its header)")
     try:
-        n = lib.gguf_get_n_tensors(header)
-        end = max((lib.gguf_get_tensor_offset(header, i) + lib.gguf_get_tensor_size(header, i) for i in range(n)),
-                  default=0)
-        problem = "no tensors" if n == 0 else "truncated" if lib.gguf_get_data_offset(header) + end > path.stat().st_size else None
+        tensors = lib.gguf_get_n_tensors(header)
+        data_end = lib.gguf_get_data_offset(header) + max(
+            (lib.gguf_get_tensor_offset(header, i) + lib.gguf_get_tensor_size(header, i) for i in range(tensors)),
+            default=0)
     finally:
         lib.gguf_free(header)
-    if problem:
-        raise EvalError(f"{path}: not a valid GGUF file ({problem})")
+    if tensors == 0:
+        raise EvalError(f"{path}: not a valid GGUF file (no tensors)")
+    if data_end > path.stat().st_size:
+        raise EvalError(f"{path}: not a valid GGUF file (its tensor data runs past the end of the file)")
 
 
 @contextlib.contextmanager

@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.progress import Progress
 
 from eval.accuracy import is_correct, paired_flips, wilson_interval
-from eval.divergence import ROW_BLOCK, Divergence, log_softmax
+from eval.divergence import HEADER, ROW_BLOCK, Divergence, encode
 from eval.mtp import decode_all, mismatches, mtp_summary, tokens_per_second
 from eval.report import write_report
-from eval.runner import EvalError, chunks, greedy, load, scored_logits
+from eval.runner import EvalError, Scorer, chunks, greedy, load
 from eval.tasks import Prompt, check_tasks, heldout_prompts, reasoning_prompts, text_only
 from ft.data import load_rows
 from ft.errors import FtError
@@ -62,52 +62,53 @@ def evaluation_tokens(settings: EvalSection, recipe: Recipe, processor: Any, llm
 
 
 class LogprobStore:
-    """Reference log-probabilities on disk, one float32 row per scored position, read back a chunk at a time.
+    """The reference's log-probabilities on disk, one stored row per scored position (`eval.divergence.encode`:
+    2 * (V + 4) bytes, llama.cpp's layout), read back a chunk at a time.
 
     Plain reads and writes rather than a memory map: the pages of a mapped file count towards the process's resident
-    memory, and at Gemma 4's vocabulary 8192 tokens of them are 4 GiB.
+    memory, and at Gemma 4's vocabulary 8192 tokens of them are 2 GiB.
     """
 
     def __init__(self, path: Path, vocab: int) -> None:
         self.path = path
         self.vocab = vocab
 
+    @property
+    def row_bytes(self) -> int:
+        return (HEADER + self.vocab) * 2
+
     def append(self, rows: np.ndarray) -> None:
         with self.path.open("ab") as f:
-            rows.astype(np.float32).tofile(f)
+            rows.astype(np.uint16, copy=False).tofile(f)
 
     def read(self, start: int, count: int) -> np.ndarray:
         with self.path.open("rb") as f:
-            f.seek(start * self.vocab * 4)
-            return np.fromfile(f, dtype=np.float32, count=count * self.vocab).reshape(count, self.vocab)
+            f.seek(start * self.row_bytes)
+            return np.fromfile(f, dtype=np.uint16, count=count * (HEADER + self.vocab)).reshape(count, -1)
 
 
 def reference_pass(reference: Path, tokens: list[int], settings: EvalSection, store: Path) -> tuple[LogprobStore, np.ndarray]:
     """Reference log-probabilities of every scored position, streamed to disk; and the tokens they predict."""
-    llm = load(reference, settings.context, logits_all=True, threads=settings.threads)
-    logprobs = LogprobStore(store, llm.n_vocab())
     store.unlink(missing_ok=True)
     targets = []
-    for window in chunks(tokens, settings.context, llm.token_bos()):
-        logits, predicted = scored_logits(llm, window)
-        for start in range(0, len(logits), ROW_BLOCK):
-            logprobs.append(log_softmax(logits[start : start + ROW_BLOCK]))
-        targets.append(predicted)
-    llm.close()
+    with Scorer(reference, settings.context, settings.threads) as scorer:
+        logprobs = LogprobStore(store, scorer.n_vocab)
+        for logits, predicted in scorer.score(chunks(tokens, settings.context, scorer.bos)):
+            for start in range(0, len(logits), ROW_BLOCK):
+                logprobs.append(encode(logits[start : start + ROW_BLOCK]))
+            targets.append(predicted)
     return logprobs, np.concatenate(targets)
 
 
 def divergence_of(path: Path, tokens: list[int], settings: EvalSection, ref: LogprobStore, targets: np.ndarray) -> dict:
-    llm = load(path, settings.context, logits_all=True, threads=settings.threads)
     stats = Divergence()
     row = 0
-    for window in chunks(tokens, settings.context, llm.token_bos()):
-        logits, predicted = scored_logits(llm, window)
-        if not np.array_equal(predicted, targets[row : row + len(predicted)]):
-            raise EvalError(f"{path}: tokenizes the evaluation text differently from the reference")
-        stats.add(ref.read(row, len(predicted)), logits, predicted)
-        row += len(predicted)
-    llm.close()
+    with Scorer(path, settings.context, settings.threads) as scorer:
+        for logits, predicted in scorer.score(chunks(tokens, settings.context, scorer.bos)):
+            if not np.array_equal(predicted, targets[row : row + len(predicted)]):
+                raise EvalError(f"{path}: tokenizes the evaluation text differently from the reference")
+            stats.add(ref.read(row, len(predicted)), logits, predicted)
+            row += len(predicted)
     return stats.summary()
 
 
@@ -241,7 +242,7 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
     try:
         tokens = evaluation_tokens(settings, recipe, processor, load(reference, 64, vocab_only=True))
         console.print(f"reference pass over {len(tokens)} tokens")
-        ref_logprobs, targets = reference_pass(reference, tokens, settings, scratch / "reference.f32")
+        ref_logprobs, targets = reference_pass(reference, tokens, settings, scratch / "reference.logprobs")
         reference_correct = answers(reference, prompts, processor, settings) if prompts else []
         speed_prompts = [processor.tokenizer(processor.apply_chat_template(p.messages, tokenize=False,
                                                                           add_generation_prompt=True),

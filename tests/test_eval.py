@@ -27,7 +27,7 @@ from eval.accuracy import Flips, extract_answer, is_correct, paired_flips, wilso
 from eval.mtp import Decoded, Decoder, decode_all, divergence, mismatches
 from eval.pipeline import evaluate_run, evaluation_tokens, measure, reference_pass
 from eval.report import markdown
-from eval.runner import EvalError, check_gguf, chunks, load, plain_cpu_kernels, scored_logits
+from eval.runner import EvalError, Scorer, check_gguf, chunks, load, plain_cpu_kernels
 from ft.recipe import EvalSection
 from ft.recipe_io import load_recipe
 from ft.tiny import tiny_processor
@@ -132,17 +132,29 @@ def test_reference_against_itself_is_exact(results: dict[str, Any]) -> None:
 # 3. KLD against an independent float64 computation ----------------------------------------------------------------
 
 
-def log_probs(logits: np.ndarray, stored_as: type = np.float64) -> np.ndarray:
-    return log_softmax(logits.astype(np.float64), axis=-1).astype(stored_as).astype(np.float64)
+def llama_logits(llm: Any, window: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Logits at a window's scored positions through llama_cpp.Llama's own path (all positions' logits kept, one
+    window at a time): the independent source that ft's `Scorer` is checked against, and the tokens they predict."""
+    llm.reset()
+    llm.eval(window)
+    first = len(window) // 2
+    return np.array(llm.scores[first : len(window) - 1], dtype=np.float32), np.array(window[first + 1 :])
 
 
-def independent_metrics(ref: np.ndarray, q: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """The divergence metrics from reference and quant log-probabilities, straight from their definitions."""
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    return log_softmax(logits.astype(np.float64), axis=-1)
+
+
+def independent_metrics(ref: np.ndarray, q: np.ndarray, targets: np.ndarray,
+                        top_of: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+    """The divergence metrics from reference and quant log-probabilities, straight from their definitions; top-1
+    from the arrays `top_of` (by default the log-probabilities themselves)."""
     kld = (np.exp(ref) * (ref - q)).sum(axis=-1)
     at = np.arange(len(targets))
     nll, nll_ref = -q[at, targets], -ref[at, targets]
     dp = np.exp(-nll) - np.exp(-nll_ref)
-    same = (ref.argmax(axis=-1) == q.argmax(axis=-1)).mean()
+    ref_top, q_top = top_of or (ref, q)
+    same = (ref_top.argmax(axis=-1) == q_top.argmax(axis=-1)).mean()
     return {
         "tokens": len(targets), "kld_mean": kld.mean(), "kld_mean_error": stats.sem(kld),
         "kld_median": np.median(kld), "kld_p99": np.percentile(kld, 99), "kld_p999": np.percentile(kld, 99.9),
@@ -158,23 +170,76 @@ def test_divergence_matches_numpy_on_llama_cpp_logits(demo_run: Path, processor)
     quant = load(gguf_file(demo_run, "Q4_K_M"), settings.context, logits_all=True, threads=1)
     tokens = evaluation_tokens(settings, load_recipe(demo_run / "recipe.yaml"), processor, reference)
     windows = list(chunks(tokens, settings.context, reference.token_bos()))
-    ref_logits, targets = zip(*(scored_logits(reference, w) for w in windows), strict=True)
-    logits, predicted = zip(*(scored_logits(quant, w) for w in windows), strict=True)
+    ref_logits, targets = zip(*(llama_logits(reference, w) for w in windows), strict=True)
+    logits, predicted = zip(*(llama_logits(quant, w) for w in windows), strict=True)
     np.testing.assert_array_equal(np.concatenate(predicted), np.concatenate(targets))
     divergence = ft_divergence.Divergence()
     for ref_window, window, window_targets in zip(ref_logits, logits, targets, strict=True):
-        stored = ft_divergence.log_softmax(ref_window).astype(np.float32)  # as eval.pipeline.reference_pass stores it
-        divergence.add(stored, window, window_targets)
+        divergence.add(ft_divergence.encode(ref_window), window, window_targets)  # stored as reference_pass stores it
     ref_logits, logits, targets = (np.concatenate(x) for x in (ref_logits, logits, targets))
     got = divergence.summary()
     assert got["tokens"] == 3 * 63
-    # Both sides' log-probs are float32 in ft (the stored reference, and the quant's rounded to match it).
-    stored = independent_metrics(log_probs(ref_logits, np.float32), log_probs(logits, np.float32), targets)
-    assert 1e-4 < stored["kld_mean"] and stored["top1_agreement"] < 1  # a real difference to measure
-    assert got == pytest.approx(stored, rel=1e-6, abs=1e-12)
-    # Against exact float64 log-probs, float32 storage costs ~1e-8 nats per position.
-    exact = independent_metrics(log_probs(ref_logits), log_probs(logits), targets)
-    assert got == pytest.approx(exact, rel=1e-6, abs=5e-8)
+    # Both sides' log-probabilities on ft's 16-bit grid (the stored reference, and the quant's rounded to match it);
+    # top-1 from the exact logits.
+    gridded = independent_metrics(ft_divergence.decode(ft_divergence.encode(ref_logits)).astype(np.float64),
+                                  ft_divergence.rounded_log_softmax(logits).astype(np.float64), targets,
+                                  top_of=(ref_logits, logits))
+    assert 1e-4 < gridded["kld_mean"] and gridded["top1_agreement"] < 1  # a real difference to measure
+    assert got == pytest.approx(gridded, rel=1e-6, abs=1e-12)
+    # Against exact float64 log-probabilities: the grid's rounding (half a step, 1e-4 nats or less on these rows)
+    # moves single positions' KLD by up to 1.5e-6 (so its median and percentiles) and the mean by less than 5e-8.
+    exact = independent_metrics(log_probs(ref_logits), log_probs(logits), targets, top_of=(ref_logits, logits))
+    assert got == pytest.approx(exact, rel=1e-6, abs=2e-6)
+    assert got["kld_mean"] == pytest.approx(exact["kld_mean"], rel=1e-6, abs=5e-8)
+
+
+def test_store_rounds_log_probabilities_within_half_a_step() -> None:
+    """The 16-bit rows: scale and offset as llama.cpp's, every log-probability within half a grid step (plus float32
+    rounding) of the exact one, entries more than SPAN nats below the top at the grid's bottom, a flat row exact."""
+    rng = np.random.default_rng(0)
+    logits = np.concatenate([rng.normal(0, 2, (3, 4096)), rng.normal(0, 12, (3, 4096)),  # within, and beyond, SPAN
+                             np.full((1, 4096), 1.5)]).astype(np.float32)
+    exact = log_probs(logits)
+    rows = ft_divergence.encode(logits)
+    assert rows.dtype == np.uint16 and rows.shape == (7, 4096 + ft_divergence.HEADER)
+    scale, offset = np.ascontiguousarray(rows[:, :4]).view(np.float32).T
+    top = logits.max(axis=-1).astype(np.float64)
+    low = np.maximum(logits.min(axis=-1), top - ft_divergence.SPAN)
+    np.testing.assert_allclose(scale, (top - low) / 65535, rtol=1e-6)
+    np.testing.assert_allclose(offset, low - top + exact.max(axis=-1), atol=1e-5)  # log-probability of code 0
+    got = ft_divergence.decode(rows).astype(np.float64)
+    np.testing.assert_array_equal(got, ft_divergence.rounded_log_softmax(logits))
+    inside = logits >= low[:, None]
+    error = np.abs(got - exact)
+    assert (error[inside] <= (scale[:, None] / 2 + 4e-6 * np.abs(exact))[inside]).all()
+    assert np.allclose(got[~inside], np.broadcast_to(offset[:, None], got.shape)[~inside])
+    assert (~inside).sum() > 0 and (got[~inside] >= exact[~inside]).all()
+    assert np.array_equal(got[-1], exact[-1].astype(np.float32)) and scale[-1] == 0
+
+
+def test_batched_windows_give_one_window_logits(demo_run: Path, processor) -> None:
+    """Scorer decodes four windows as four sequences of one batch (llama-perplexity's scheme): each window's logits
+    equal those of the window decoded alone, and those of llama_cpp.Llama keeping every position's logits (with
+    flash attention, which llama.cpp's default picks for Scorer's contexts as for llama-perplexity's)."""
+    settings = EvalSection(context=64, max_tokens=384, threads=1)
+    path = gguf_file(demo_run, "Q4_K_M")
+    tokens = evaluation_tokens(settings, load_recipe(demo_run / "recipe.yaml"), processor, load(path, 64, vocab_only=True))
+    with Scorer(path, 64, threads=1, n_seq=4) as batched, Scorer(path, 64, threads=1, n_seq=1) as alone:
+        assert batched.n_seq == 4
+        windows = list(chunks(tokens, 64, batched.bos))
+        together = [(logits.copy(), predicted) for logits, predicted in batched.score(windows)]
+        one_by_one = [(logits.copy(), predicted) for logits, predicted in alone.score(windows)]
+    assert len(together) == len(windows) == 6  # one batch of four windows, then one of two
+    with plain_cpu_kernels():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, flash_attn=True, logits_all=True,
+                              verbose=False)
+    for (a, targets), (b, targets_alone), window in zip(together, one_by_one, windows, strict=True):
+        expected, expected_targets = llama_logits(llm, window)
+        assert a.shape == (31, llm.n_vocab())
+        np.testing.assert_array_equal(targets, targets_alone)
+        np.testing.assert_array_equal(targets, expected_targets)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, expected, rtol=0, atol=1e-5)
 
 
 def perplexity_windows(llm: Any, text: str, n_ctx: int) -> list[list[int]]:

@@ -7,9 +7,11 @@ targets that are missing (llama.cpp's quantizer, on the CPU) and then decodes th
 decoding and with MTP speculative decoding (ft's eval.mtp), in the same process. Every step skips work whose file
 is already there, so a stage cut off by a call's time limit resumes. With random weights the drafter's guesses are
 almost never accepted, so this measures the machinery and its overhead, not the speed-up a trained drafter gives;
-the report says so. MTP output must equal plain output token for token; on a GPU it can differ where the target's
-top two tokens nearly tie (batched and one-row kernels round differently), so each run also decodes plainly in
-batches padded to the verify step's width, which MTP must match exactly, and reports each divergence's logit lead.
+each row therefore also measures the loop's ceiling: the drafts replaced by the target's own greedy output
+(acceptance 1.0, the drafter still run for its cost), the best this loop can do at that draft length. MTP output must
+equal plain output token for token; on a GPU it can differ where the target's top two tokens nearly tie (batched and
+one-row kernels round differently), so each run also decodes plainly in batches padded to the verify step's width,
+which MTP must match exactly, and reports each divergence's logit lead.
 
     python -m bench.eval_speed --work /tmp/s12 --stage inputs        # on the device machine, while llama.cpp builds
     python -m bench.eval_speed --work /tmp/s12 --stage measure       # then, with the CUDA build of llama-cpp-python
@@ -100,7 +102,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["Q4_K_M", "Q8_0"])
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--draft", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--draft", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--stage", choices=["inputs", "measure", "all"], default="all")
     parser.add_argument("--no-explain", dest="explain", action="store_false",
                         help="skip decoding differing prompts again to report each divergence's logit lead")
@@ -128,17 +130,25 @@ def measure(args: argparse.Namespace) -> None:
         for draft_len in args.draft:
             mtp = decode_all(path, prompts, args.tokens, drafter, draft_len)
             padded = decode_all(path, prompts, args.tokens, pad_to=draft_len + 1)
+            # The loop's ceiling: the target's own greedy output offered as the drafts (the drafter still runs).
+            ceiling = mtp_summary(plain, decode_all(path, prompts, args.tokens, drafter, draft_len,
+                                                    proposals=[d.tokens for d in plain]))
             row = {
                 "target": target, "draft_len": draft_len, **mtp_summary(plain, mtp),
+                "ceiling": {k: ceiling[k] for k in ("mtp_tokens_per_second", "acceptance_rate", "mean_accepted",
+                                                    "identical")},
                 # With nothing accepted, MTP's target runs exactly the batches of plain decoding padded to the
                 # verify width, so equality here shows the protocol is exact and any difference is batch rounding.
                 "identical_to_padded_plain": all(a.tokens == b.tokens for a, b in zip(padded, mtp, strict=True)),
                 "mismatches": mismatches(path, prompts, plain, mtp, drafter, draft_len) if args.explain else None,
             }
             row["mtp_over_plain"] = row["mtp_tokens_per_second"] / row["plain_tokens_per_second"]
+            row["ceiling"]["over_plain"] = ceiling["mtp_tokens_per_second"] / row["plain_tokens_per_second"]
             rows.append(row)
             print(f"{target:7s} draft {draft_len}: plain {row['plain_tokens_per_second']:7.1f} tok/s  "
-                  f"MTP {row['mtp_tokens_per_second']:7.1f} tok/s ({row['mtp_over_plain']:.2f}x)  acceptance {row['acceptance_rate']:.3f}  "
+                  f"MTP {row['mtp_tokens_per_second']:7.1f} tok/s ({row['mtp_over_plain']:.2f}x)  "
+                  f"acceptance {row['acceptance_rate']:.3f}  ceiling {ceiling['mtp_tokens_per_second']:7.1f} tok/s "
+                  f"({row['ceiling']['over_plain']:.2f}x, acceptance {ceiling['acceptance_rate']:.3f})  "
                   f"identical {row['identical']}  identical to padded plain {row['identical_to_padded_plain']}",
                   flush=True)
             for m in row["mismatches"] or []:

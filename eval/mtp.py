@@ -207,9 +207,14 @@ class Decoder:
             self.main.close()
             self.main = None
 
-    def __call__(self, prompt: list[int], n_new: int, margins: bool = False) -> Decoded:
+    def __call__(self, prompt: list[int], n_new: int, margins: bool = False,
+                 proposals: list[int] | None = None) -> Decoded:
         """Greedy decode n_new tokens after prompt; margins=True also records each token's logit lead over the
-        runner-up (slower: leave it off when timing), which tells a real divergence from a near-tie."""
+        runner-up (slower: leave it off when timing), which tells a real divergence from a near-tie.
+
+        `proposals` (with a drafter): the tokens the verify step is offered in place of the drafter's, by output
+        index; given the target's own plain greedy output, every draft is accepted (up to rounding on a GPU), so the
+        speed is the best this loop can reach at this draft length. The drafter still runs, for its cost."""
         import llama_cpp as L
 
         needed = len(prompt) + n_new + max(self.draft_len, self.pad_to) + 1
@@ -242,6 +247,8 @@ class Decoder:
                 out.append(last)
                 continue
             drafts = _draft(helper, self.draft_batch, last, n_past, hidden, min(self.draft_len, n_new - len(out)))
+            if proposals is not None:
+                drafts = proposals[len(out) : len(out) + len(drafts)]
             main.decode([last, *drafts], n_past, logits="all")
             row_margins: list[float] | None = [] if margins else None
             choices = [main.argmax(j, row_margins) for j in range(len(drafts) + 1)]
@@ -287,13 +294,16 @@ def mtp_summary(plain: list[Decoded], mtp: list[Decoded]) -> dict[str, Any]:
 
 
 def decode_all(target: Path, prompts: list[list[int]], n_new: int, drafter: Path | None = None, draft_len: int = 3,
-               threads: int | None = None, margins: bool = False, pad_to: int = 1) -> list[Decoded]:
+               threads: int | None = None, margins: bool = False, pad_to: int = 1,
+               proposals: list[list[int]] | None = None) -> list[Decoded]:
     """Greedy decode every prompt with one loaded model (and drafter: MTP decoding), after one warm-up run that
-    pays the one-time costs (kernel loading, graph allocation) outside the timings."""
+    pays the one-time costs (kernel loading, graph allocation) outside the timings. `proposals`, one list per
+    prompt, replace the drafter's tokens (`Decoder.__call__`)."""
     n_ctx = max(len(p) for p in prompts) + n_new + max(draft_len, pad_to) + 8
+    offered = proposals or [None] * len(prompts)
     with Decoder(target, n_ctx, drafter, draft_len, threads, pad_to) as decoder:
         decoder(prompts[0], min(n_new, 4))
-        return [decoder(p, n_new, margins) for p in prompts]
+        return [decoder(p, n_new, margins, o) for p, o in zip(prompts, offered, strict=True)]
 
 
 def divergence(plain: Decoded, mtp: Decoded) -> int | None:

@@ -491,6 +491,28 @@ def test_mismatches_locate_a_divergence(demo_run: Path) -> None:
     assert found[0]["plain_margin"] >= 0 and found[0]["mtp_margin"] >= 0
 
 
+@pytest.mark.parametrize("draft_len", [1, 4])
+def test_mtp_ceiling_accepts_every_proposal_and_verifies_them(draft_len: int, demo_run: Path, processor) -> None:
+    """Offered the target's own greedy output, the loop accepts every draft (acceptance 1.0, draft_len + 1 tokens a
+    step); offered a wrong token, it rejects it there and still returns plain greedy's tokens: the verify step, not
+    the proposals, decides the output."""
+    tokenizer, n_new = processor.tokenizer, 24
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for q in QUESTIONS[:4]]
+    path, drafter = gguf_file(demo_run, "Q8_0"), gguf_file(demo_run, "drafter-F32")
+    plain = decode_all(path, prompts, n_new, threads=1)
+    own = [d.tokens for d in plain]
+    ceiling = decode_all(path, prompts, n_new, drafter, draft_len, threads=1, proposals=own)
+    for a, b in zip(plain, ceiling, strict=True):
+        assert b.tokens == a.tokens
+        assert b.acceptance_rate == 1.0 and b.steps == math.ceil((n_new - 1) / (draft_len + 1))
+    wrong = [[tokens[0], (tokens[1] + 1) % 200, *tokens[2:]] for tokens in own]  # the first step's first draft
+    corrected = decode_all(path, prompts, n_new, drafter, draft_len, threads=1, proposals=wrong)
+    for a, b in zip(plain, corrected, strict=True):
+        assert b.tokens == a.tokens and b.accepted == b.drafted - draft_len  # that step's drafts all rejected
+
+
 # 7. Rerunning `ft eval` ------------------------------------------------------------------------------------------
 
 

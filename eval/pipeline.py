@@ -224,8 +224,8 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
     reference = folder / f"{run.name}-{export.reference}.gguf"
     drafters = [f for f in manifest.files.values() if f["kind"] == "MTP drafter"]
     drafter = folder / drafters[0]["file"] if drafters and settings.speed else None
-    measured_files = [reference, *(folder / f"{run.name}-{q}.gguf" for q in settings.quants)]
-    inputs = evaluation_inputs(recipe, manifest, [*measured_files, *([drafter] if drafter else [])])
+    rows = [(f"{export.reference} (reference)", reference)] + [(q, folder / f"{run.name}-{q}.gguf") for q in settings.quants]
+    inputs = evaluation_inputs(recipe, manifest, [*(path for _, path in rows), *([drafter] if drafter else [])])
     saved = None if remeasure else saved_results(out, inputs)
     if saved is not None:
         console.print(f"up to date: {out / 'report.md'} (measured {saved['date']} from these files and settings; "
@@ -233,7 +233,6 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
         return out
     processor = load_processor(str(folder / "merged"), recipe.data.image_soft_tokens)
 
-    rows = [(f"{export.reference} (reference)", reference)] + [(q, folder / f"{run.name}-{q}.gguf") for q in settings.quants]
     prompts = reasoning_prompts(settings.tasks, settings.samples, settings.seed) if settings.samples else []
     if settings.heldout and recipe.data.eval:
         prompts += heldout_prompts(load_rows(recipe.data.eval))

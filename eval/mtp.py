@@ -23,8 +23,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from eval.runner import EvalError, _quiet, check_gguf
-from quantize.llama_quant import backend_init
+from eval.runner import EvalError, LlamaModel
 
 
 @dataclass
@@ -54,36 +53,8 @@ class Decoded:
         return self.accepted / self.steps if self.steps else 0.0
 
 
-class _Model:
-    """A model and one context over it, freed together."""
-
-    def __init__(self, path: Path, n_ctx: int, threads: int, other: _Model | None = None, batch: int = 512) -> None:
-        import llama_cpp as L
-
-        check_gguf(path)
-        _quiet()
-        backend_init()
-        model_params = L.llama_model_default_params()
-        model_params.n_gpu_layers = 999  # all layers on the GPU when llama.cpp was built with one; ignored on CPU
-        model_params.use_extra_bufts = False  # see eval.runner.plain_cpu_kernels
-        self.model = L.llama_model_load_from_file(str(path).encode(), model_params)
-        if not self.model:
-            raise EvalError(f"{path}: llama.cpp cannot load it")
-        params = L.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = batch
-        params.n_ubatch = batch
-        params.n_threads = params.n_threads_batch = threads
-        if other is not None:
-            params.ctx_type = L.LLAMA_CONTEXT_TYPE_MTP
-            params.ctx_other = other.ctx
-            params.n_rs_seq = 0
-        self.ctx = L.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            L.llama_model_free(self.model)
-            raise EvalError(f"{path}: llama.cpp cannot create a context for it" + (" as an MTP drafter" if other else ""))
-        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        self.n_embd_out = L.llama_model_n_embd_out(self.model)
+class _Model(LlamaModel):
+    """A model and its context (`eval.runner.LlamaModel`), with the decoding steps of greedy and MTP decoding."""
 
     def argmax(self, row: int, margins: list[float] | None = None) -> int:
         """The top token of a row; with `margins`, also append its lead over the runner-up (in logits)."""
@@ -122,12 +93,6 @@ class _Model:
         import llama_cpp as L
 
         L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), 0, position, -1)
-
-    def close(self) -> None:
-        import llama_cpp as L
-
-        L.llama_free(self.ctx)
-        L.llama_model_free(self.model)
 
 
 class _DraftBatch:

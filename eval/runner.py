@@ -124,6 +124,56 @@ def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None =
         raise EvalError(f"{path}: llama.cpp cannot load it ({exc})") from None
 
 
+class LlamaModel:
+    """A GGUF model loaded through llama.cpp's C API, all layers on the GPU when llama.cpp was built with one and
+    without the extra CPU buffer types (`plain_cpu_kernels`), and one context over it; freed together.
+
+    `batch` tokens go to one llama_decode, computed `ubatch` (default: all of them) at a time, over up to `sequences`
+    sequences; `other` makes this context the MTP drafter of `other`'s (it reads that context's KV cache).
+    """
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None, batch: int = 512,
+                 ubatch: int | None = None, sequences: int = 1, other: LlamaModel | None = None) -> None:
+        import llama_cpp as L
+
+        from quantize.llama_quant import backend_init
+
+        check_gguf(path)
+        _quiet()
+        backend_init()
+        model_params = L.llama_model_default_params()
+        model_params.n_gpu_layers = 999  # all layers on the GPU when llama.cpp was built with one; ignored on CPU
+        model_params.use_extra_bufts = False  # see plain_cpu_kernels
+        self.model = L.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise EvalError(f"{path}: llama.cpp cannot load it")
+        params = L.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = batch
+        params.n_ubatch = ubatch or batch
+        params.n_seq_max = sequences
+        params.n_threads = params.n_threads_batch = threads or os.cpu_count()
+        if other is not None:
+            params.ctx_type = L.LLAMA_CONTEXT_TYPE_MTP
+            params.ctx_other = other.ctx
+            params.n_rs_seq = 0
+        self.ctx = L.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise EvalError(f"{path}: llama.cpp cannot create a context of {n_ctx} tokens for it"
+                            + (" as an MTP drafter" if other else ""))
+        vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(vocab)
+        self.bos = L.llama_vocab_bos(vocab)
+        self.n_embd_out = L.llama_model_n_embd_out(self.model)
+
+    def close(self) -> None:
+        import llama_cpp as L
+
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+
+
 def chunks(tokens: list[int], n_ctx: int, bos: int) -> Iterator[list[int]]:
     """Consecutive windows of n_ctx tokens, each starting with BOS in place of its first token, as llama-perplexity
     cuts the text (which starts with BOS itself: `eval.pipeline.evaluation_tokens`)."""
@@ -149,32 +199,12 @@ class Scorer:
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None, n_seq: int = 1) -> None:
         import llama_cpp as L
 
-        from quantize.llama_quant import backend_init
-
-        check_gguf(path)
-        _quiet()
-        backend_init()
         self.n_ctx = n_ctx
         self.n_seq = n_seq
-        model_params = L.llama_model_default_params()
-        model_params.n_gpu_layers = 999  # all layers on the GPU when llama.cpp was built with one; ignored on CPU
-        model_params.use_extra_bufts = False  # see plain_cpu_kernels
-        self.model = L.llama_model_load_from_file(str(path).encode(), model_params)
-        if not self.model:
-            raise EvalError(f"{path}: llama.cpp cannot load it")
-        params = L.llama_context_default_params()
-        params.n_ctx = params.n_batch = self.n_seq * n_ctx
-        params.n_ubatch = min(params.n_batch, 512)
-        params.n_seq_max = self.n_seq
-        params.n_threads = params.n_threads_batch = threads or os.cpu_count()
-        self.ctx = L.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            L.llama_model_free(self.model)
-            raise EvalError(f"{path}: llama.cpp cannot create a context of {self.n_seq} x {n_ctx} tokens for it")
-        vocab = L.llama_model_get_vocab(self.model)
-        self.n_vocab = L.llama_vocab_n_tokens(vocab)
-        self.bos = L.llama_vocab_bos(vocab)
-        self.batch = L.llama_batch_init(self.n_seq * n_ctx, 0, 1)
+        self.llm = LlamaModel(path, n_seq * n_ctx, threads, batch=n_seq * n_ctx, ubatch=min(n_seq * n_ctx, 512),
+                              sequences=n_seq)
+        self.n_vocab, self.bos = self.llm.n_vocab, self.llm.bos
+        self.batch = L.llama_batch_init(n_seq * n_ctx, 0, 1)
 
     def score(self, windows: Iterable[list[int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """For each window, in order: the logits at its scored positions (its second half but the last) [T, V]
@@ -192,7 +222,7 @@ class Scorer:
         first = self.n_ctx // 2
         batch = self.batch
         batch.n_tokens = 0
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        L.llama_memory_clear(L.llama_get_memory(self.llm.ctx), True)
         for seq, window in enumerate(group):
             if len(window) != self.n_ctx:
                 raise ValueError(f"a window of {len(window)} tokens, not {self.n_ctx}")
@@ -202,7 +232,7 @@ class Scorer:
                 batch.seq_id[i][0] = seq
                 batch.logits[i] = first <= position < self.n_ctx - 1
                 batch.n_tokens += 1
-        if L.llama_decode(self.ctx, batch) != 0:
+        if L.llama_decode(self.llm.ctx, batch) != 0:
             raise EvalError("llama_decode failed on an evaluation batch")
 
     def _logits(self, seq: int) -> np.ndarray:
@@ -210,15 +240,14 @@ class Scorer:
         import llama_cpp as L
 
         rows = self.n_ctx - 1 - self.n_ctx // 2
-        start = L.llama_get_logits_ith(self.ctx, seq * self.n_ctx + self.n_ctx // 2)
+        start = L.llama_get_logits_ith(self.llm.ctx, seq * self.n_ctx + self.n_ctx // 2)
         return np.ctypeslib.as_array(start, shape=(rows, self.n_vocab))
 
     def close(self) -> None:
         import llama_cpp as L
 
         L.llama_batch_free(self.batch)
-        L.llama_free(self.ctx)
-        L.llama_model_free(self.model)
+        self.llm.close()
 
     def __enter__(self) -> Scorer:
         return self

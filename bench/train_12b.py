@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +160,9 @@ def plain_unsloth(work: Path, points: list[str], model: Path, out: Path) -> None
     import torch
     from unsloth import FastModel  # noqa: I001  (unsloth must be imported before trl and transformers)
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from ft.callbacks import StepClock
     from ft.data import load_rows
     from ft.encode import encode_row
     from ft.models import load_processor
@@ -177,20 +176,6 @@ def plain_unsloth(work: Path, points: list[str], model: Path, out: Path) -> None
         use_gradient_checkpointing="unsloth", random_state=0,
     )
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self.first: float | None = None
-
-        def on_step_begin(self, *_: Any, **__: Any) -> None:
-            torch.cuda.synchronize()
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            torch.cuda.synchronize()
-            self.seconds.append(time.perf_counter() - self.begin)
-            self.first = self.first or time.time()
-
     processor = load_processor(str(model), 1120)
     results = {}
     for point in points:
@@ -200,7 +185,7 @@ def plain_unsloth(work: Path, points: list[str], model: Path, out: Path) -> None
         rows = Dataset.from_dict({k: [features[k].tolist()] for k in ("input_ids", "attention_mask", "labels")})
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        clock = Clock()
+        clock = StepClock()  # steps timed with the GPU synchronized at both ends, as ft's own runs
         trainer = SFTTrainer(
             model=fast, train_dataset=rows, processing_class=processor.tokenizer, callbacks=[clock],
             args=SFTConfig(output_dir=str(work / "unsloth"), per_device_train_batch_size=1,
@@ -209,9 +194,11 @@ def plain_unsloth(work: Path, points: list[str], model: Path, out: Path) -> None
                            max_steps=UNSLOTH_STEPS),
         )
         trainer.train()
-        results[point] = {"tokens_per_second": round(tokens / float(np.median(clock.seconds[1:])), 1),
-                          "step_seconds": [round(s, 3) for s in clock.seconds],
-                          "first_step_after_seconds": round(clock.first - started, 1) if point == points[0] else None,
+        seconds = [s for s, _ in clock.steps]
+        results[point] = {"tokens_per_second": round(tokens / float(np.median(seconds[1:])), 1),
+                          "step_seconds": [round(s, 3) for s in seconds],
+                          "first_step_after_seconds": (round(clock.first_step_end - started, 1)
+                                                       if point == points[0] else None),
                           "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
                           "tokens": tokens}
         out.write_text(json.dumps(results))

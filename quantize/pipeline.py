@@ -41,8 +41,9 @@ def resolve_run(target: Path, overrides: Sequence[str] = (),
     """A run directory, or a recipe whose output.dir is one; the run must hold a finished adapter. `overrides`
     (KEY.PATH=VALUE, as `ft train` takes them) may change only `sections`: the rest was fixed when the run trained."""
     for override in overrides:
-        section = override.partition("=")[0].split(".")[0]
-        if section not in sections:
+        key, sep, _ = override.partition("=")
+        section = key.split(".")[0]
+        if sep and section not in sections:  # a malformed override is reported by load_recipe's parser
             allowed = " and ".join(f"{s}.*" for s in sections)
             raise FtError(f"override '{override}': {section}.* was fixed when the run trained; only {allowed} "
                           "can change here (train again to change the rest)")

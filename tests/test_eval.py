@@ -576,6 +576,8 @@ def test_ft_eval_and_quantize_refuse_overrides_of_the_trained_recipe(demo_run: P
         result = run_ft(command, str(demo_run), "train.lr=1e-4")
         assert result.returncode == 2, result.stderr
         assert f"override 'train.lr=1e-4': train.* was fixed when the run trained; only {allowed}" in result.stderr
+    malformed = run_ft("eval", str(demo_run), "bogus")
+    assert malformed.returncode == 2 and "override 'bogus': expected KEY.PATH=VALUE" in malformed.stderr
     bad = run_ft("eval", str(demo_run), "eval.quantz=[Q8_0]")
     assert bad.returncode == 2 and "override 'eval.quantz=[Q8_0]'" in bad.stderr and "quants" in bad.stderr
 

@@ -58,7 +58,7 @@ class _Model(LlamaModel):
 
     def argmax(self, row: int, margins: list[float] | None = None) -> int:
         """The top token of a row; with `margins`, also append its lead over the runner-up (in logits)."""
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
         if margins is not None:
@@ -67,13 +67,13 @@ class _Model(LlamaModel):
         return int(logits.argmax())
 
     def hidden(self, row: int) -> np.ndarray:
-        from llama_cpp import llama_cpp_ext as X
+        from quantize.llama_lib import llama_cpp_ext as X
 
         return np.ctypeslib.as_array(X.llama_get_embeddings_nextn_ith(self.ctx, row), shape=(self.n_embd_out,)).copy()
 
     def decode(self, tokens: list[int], start: int, logits: str = "last") -> None:
         """Decode tokens at positions start.. (logits for the 'last' row, the 'first' row, or 'all' rows)."""
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         batch = L.llama_batch_init(len(tokens), 0, 1)
         try:
@@ -90,7 +90,7 @@ class _Model(LlamaModel):
             L.llama_batch_free(batch)
 
     def drop_after(self, position: int) -> None:
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), 0, position, -1)
 
@@ -99,7 +99,7 @@ class _DraftBatch:
     """A one-row drafter batch carrying both a token and a hidden-state row (llama.cpp's MTP hook batch)."""
 
     def __init__(self, width: int) -> None:
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         self.batch = L.llama_batch_init(1, width, 1)
         # llama_batch_init allocates no token array when it allocates embeddings; attach one owned by Python.
@@ -119,7 +119,7 @@ class _DraftBatch:
         ctypes.memmove(batch.embd, row.ctypes.data, self.width * 4)
 
     def free(self) -> None:
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         self.batch.token = ctypes.POINTER(L.llama_token)()  # not ours to free in C
         L.llama_batch_free(self.batch)
@@ -138,7 +138,7 @@ class Decoder:
 
     def __init__(self, target: Path, n_ctx: int, drafter: Path | None = None, draft_len: int = 3,
                  threads: int | None = None, pad_to: int = 1) -> None:
-        from llama_cpp import llama_cpp_ext as X
+        from quantize.llama_lib import llama_cpp_ext as X
 
         threads = threads or os.cpu_count() or 1
         self.draft_len, self.pad_to, self.n_ctx = draft_len, pad_to, n_ctx
@@ -180,7 +180,7 @@ class Decoder:
         `proposals` (with a drafter): the tokens the verify step is offered in place of the drafter's, by output
         index; given the target's own plain greedy output, every draft is accepted (up to rounding on a GPU), so the
         speed is the best this loop can reach at this draft length. The drafter still runs, for its cost."""
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         needed = len(prompt) + n_new + max(self.draft_len, self.pad_to) + 1
         if needed > self.n_ctx:
@@ -310,7 +310,7 @@ def mismatches(target: Path, prompts: list[list[int]], plain: list[Decoded], mtp
 
 def _draft(helper: _Model, batch: _DraftBatch, token: int, position: int, hidden: np.ndarray, k: int) -> list[int]:
     """k greedy drafter tokens; every step sits at the same position (the drafter reads the target's KV)."""
-    import llama_cpp as L
+    from quantize.llama_lib import llama_cpp as L
 
     drafts = []
     for _ in range(k):

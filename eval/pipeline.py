@@ -152,7 +152,7 @@ def speed_of(path: Path, drafter: Path | None, prompts: list[list[int]], setting
 
 
 def device_name() -> str:
-    import llama_cpp
+    from quantize.llama_lib import llama_cpp
 
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").is_file():
@@ -164,7 +164,7 @@ def device_name() -> str:
 
 
 def versions() -> dict[str, str]:
-    import llama_cpp
+    from quantize.llama_lib import llama_cpp
     import torch
     import transformers
 

@@ -125,6 +125,7 @@ def markdown(results: dict[str, Any]) -> str:
         "lost: right with the reference and wrong quantized; gained: the reverse (same prompts).",
         _table(["type", "task", "accuracy %", "95% Wilson", "n", "lost", "gained"], acc),
         "## Decode speed, batch 1",
+        "MTP on is ft's own speculative loop over llama.cpp's C API; docs/BENCHMARKS.md sets it beside llama.cpp's own.",
         _table(["type", "tok/s MTP off", "tok/s MTP on", "acceptance", "mean accepted", "MTP output identical"], speed),
     ]
     if flips:

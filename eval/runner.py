@@ -25,7 +25,7 @@ class EvalError(FtError):
 
 def _quiet() -> None:
     """Silence llama.cpp's C-side logging (it writes straight to stderr otherwise); FT_LLAMA_LOG=1 keeps it."""
-    import llama_cpp
+    from quantize.llama_lib import llama_cpp
 
     if os.environ.get("FT_LLAMA_LOG") == "1":
         return
@@ -45,7 +45,7 @@ class _GGUFParams(ctypes.Structure):
 @functools.cache
 def _gguf_library() -> ctypes.CDLL:
     """ggml's GGUF parser (in the ggml library that llama-cpp-python ships, which has no Python binding for it)."""
-    from llama_cpp._ggml import libggml
+    from quantize.llama_lib import libggml
 
     libggml.gguf_init_from_file.restype = ctypes.c_void_p
     libggml.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFParams]
@@ -91,7 +91,7 @@ def plain_cpu_kernels() -> Iterator[None]:
     KVM guests ft is tested on; the plain kernels are correct everywhere, and GPU offload is unaffected.
     `llama_cpp.Llama` has no parameter for this, so its default-params factory is wrapped while it loads.
     """
-    import llama_cpp
+    from quantize.llama_lib import llama_cpp
 
     original = llama_cpp.llama_cpp.llama_model_default_params
 
@@ -110,7 +110,7 @@ def plain_cpu_kernels() -> Iterator[None]:
 def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None, vocab_only: bool = False):
     """A llama.cpp model with a context of n_ctx tokens (all positions' logits kept when logits_all); with
     vocab_only, just its tokenizer (no weights are read)."""
-    import llama_cpp
+    from quantize.llama_lib import llama_cpp
 
     check_gguf(path)
     _quiet()
@@ -134,7 +134,7 @@ class LlamaModel:
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None, batch: int = 512,
                  ubatch: int | None = None, sequences: int = 1, other: LlamaModel | None = None) -> None:
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         from quantize.llama_quant import backend_init
 
@@ -168,7 +168,7 @@ class LlamaModel:
         self.n_embd_out = L.llama_model_n_embd_out(self.model)
 
     def close(self) -> None:
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
@@ -197,7 +197,7 @@ class Scorer:
     """
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None, n_seq: int = 1) -> None:
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         self.n_ctx = n_ctx
         self.n_seq = n_seq
@@ -217,7 +217,7 @@ class Scorer:
                 yield self._logits(seq), np.array(window[self.n_ctx // 2 + 1 :], dtype=np.int64)
 
     def _decode(self, group: list[list[int]]) -> None:
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         first = self.n_ctx // 2
         batch = self.batch
@@ -237,14 +237,14 @@ class Scorer:
 
     def _logits(self, seq: int) -> np.ndarray:
         """Rows of window `seq` in the output buffer: its scored positions are consecutive outputs of the batch."""
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         rows = self.n_ctx - 1 - self.n_ctx // 2
         start = L.llama_get_logits_ith(self.llm.ctx, seq * self.n_ctx + self.n_ctx // 2)
         return np.ctypeslib.as_array(start, shape=(rows, self.n_vocab))
 
     def close(self) -> None:
-        import llama_cpp as L
+        from quantize.llama_lib import llama_cpp as L
 
         L.llama_batch_free(self.batch)
         self.llm.close()

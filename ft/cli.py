@@ -43,7 +43,7 @@ def _check_recipe(recipe: Recipe, resume: bool = False) -> None:
     """Every check that needs only the recipe (`ft.preflight`), and its eval tasks against reasoning-gym's registry."""
     check_recipe(recipe, resume)
     if recipe.eval is not None:
-        from eval.tasks import check_tasks  # the eval package loads llama.cpp first (see quantize/__init__.py)
+        from eval.tasks import check_tasks
 
         check_tasks(recipe)
 
@@ -62,19 +62,18 @@ def train(
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
         with held:
-            # The stages that run llama.cpp are imported before training imports torch (see quantize/__init__.py).
-            if loaded.export is not None:
-                import quantize.pipeline
-            if loaded.eval is not None:
-                import eval.pipeline
             from ft.train import train as run_training  # heavy imports (torch, transformers) only when training
 
             summary = run_training(loaded, resume=resume)
             err.print_json(json.dumps(summary))
             if loaded.export is not None:
-                quantize.pipeline.export_run(loaded.output.dir)
+                from quantize.pipeline import export_run  # the first stage that loads llama.cpp
+
+                export_run(loaded.output.dir)
             if loaded.eval is not None:
-                eval.pipeline.evaluate_run(loaded.output.dir)
+                from eval.pipeline import evaluate_run
+
+                evaluate_run(loaded.output.dir)
     except FtError as exc:
         _fail(exc)
 

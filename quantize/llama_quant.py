@@ -28,14 +28,13 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import llama_cpp
-import llama_cpp._logger
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from ft.atomic import staged_file
-from quantize.types import NEEDS_IMATRIX, QUANT_TYPES
 from ft.errors import FtError
+from quantize.llama_lib import llama_cpp
+from quantize.types import NEEDS_IMATRIX, QUANT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +108,8 @@ def backend_init() -> None:
     """Initialise llama.cpp's backends once per process, sharing llama_cpp.Llama's own once-only flag, so that
     quantizing and then loading models in one process (`ft eval` makes missing quants first) initialises once.
 
-    The crashes first blamed on a second initialisation (CUDA build, 12B model) turned out to come from numpy being
-    imported before llama_cpp (see ft/__init__.py); initialising once is still what llama.cpp asks for.
+    The crashes first blamed on a second initialisation (CUDA build, 12B model) came from how llama.cpp's libraries
+    were loaded (see quantize/llama_lib.py); initialising once is still what llama.cpp asks for.
     """
     if not getattr(llama_cpp.Llama, "_Llama__backend_initialized", False):
         llama_cpp.llama_backend_init()

@@ -513,6 +513,32 @@ def test_mtp_ceiling_accepts_every_proposal_and_verifies_them(draft_len: int, de
         assert b.tokens == a.tokens and b.accepted == b.drafted - draft_len  # that step's drafts all rejected
 
 
+def test_echo_pair_makes_every_draft_right(tmp_path: Path) -> None:
+    """bench/full_acceptance.py's files, which measure the ceiling of any speculative loop (llama.cpp's own included):
+    the silenced target's greedy output repeats one token, the echoing drafter proposes exactly that, so MTP accepts
+    every draft and still returns plain greedy's output."""
+    from bench.eval_speed import drafter_gguf, target_gguf
+    from bench.full_acceptance import echo_drafter, silence_layers
+    from quantize.llama_quant import quantize
+
+    target_gguf(tmp_path, "tiny")
+    drafter_gguf(tmp_path, "tiny")
+    target = quantize(tmp_path / "model-BF16.gguf", tmp_path / "model-Q8_0.gguf", "Q8_0", threads=1)
+    drafter = echo_drafter(tmp_path / "drafter-BF16.gguf", tmp_path / "model-BF16.gguf", tmp_path / "echo.gguf")
+    prompts, n_new = [[2, 10, 20, 30], [2, 7, 300, 41, 5]], 16
+    before = decode_all(target, prompts, n_new, threads=1)
+    silence_layers(target)
+    plain = decode_all(target, prompts, n_new, threads=1)
+    assert [len(set(d.tokens)) for d in before] != [1, 1]  # the random target did not repeat itself before
+    assert [len(set(d.tokens)) for d in plain] == [1, 1]
+    for draft_len in (1, 3):
+        mtp = decode_all(target, prompts, n_new, drafter, draft_len, threads=1)
+        for a, b in zip(plain, mtp, strict=True):
+            assert b.tokens == a.tokens and b.acceptance_rate == 1.0
+    random_drafter = decode_all(target, prompts, n_new, tmp_path / "drafter-BF16.gguf", 3, threads=1)
+    assert sum(d.accepted for d in random_drafter) < sum(d.drafted for d in random_drafter) / 2
+
+
 # 7. Rerunning `ft eval` ------------------------------------------------------------------------------------------
 
 

@@ -5,11 +5,17 @@ weights and no quantization on both (on CUDA `auto` would pick NF4), so that onl
 differs: trl's fused LM head against ft's chunked loss, Liger's RMSNorm and GeGLU kernels, and, with gradient
 checkpointing, activation offloading (the demo's rows are shorter than one MLP tile; tests/test_long_rows.py checks
 tiles on the CPU).
+
+A 12B-shaped GGUF loads and decodes through eval in a fresh process that imported numpy, or torch with CUDA, first
+(set FT_GGUF_12B to one: `python -m bench.eval_speed --work /tmp/s12 --stage inputs`, then `--stage quantize`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +48,23 @@ def test_gpu_loss_curve_matches_cpu(tmp_path: Path, checkpointing: bool) -> None
     assert len(curves["cpu"]) == len(curves["cuda"]) == 10
     assert curves["cuda"] == pytest.approx(curves["cpu"], rel=2e-2), curves
     assert curves["cuda"][-1] < curves["cuda"][0]
+
+
+GGUF_12B = os.environ.get("FT_GGUF_12B", "")
+FIRST = {"numpy": "import numpy", "torch with CUDA": "import torch; torch.zeros(1, device='cuda')"}
+
+
+@pytest.mark.skipif(not GGUF_12B, reason="set FT_GGUF_12B to a 12B-shaped GGUF (bench/eval_speed.py makes one)")
+@pytest.mark.parametrize("first", FIRST)
+def test_12b_gguf_loads_whatever_was_imported_first(first: str) -> None:
+    code = "\n".join([
+        FIRST[first],
+        "import sys",
+        "assert 'llama_cpp' not in sys.modules",
+        "from pathlib import Path",
+        "from eval.mtp import decode_all",
+        "print(decode_all(Path(sys.argv[1]), [[2, 10, 20, 30]], 8)[0].tokens)",
+    ])
+    result = subprocess.run([sys.executable, "-c", code, GGUF_12B], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads(result.stdout.splitlines()[-1])) == 8

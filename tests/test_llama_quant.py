@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -342,3 +344,17 @@ def test_reading_a_non_imatrix_file_fails_clearly(f32_gguf, tmp_path):
         read_imatrix_gguf(f32_gguf)
     with pytest.raises(ImatrixError, match="not found"):
         read_imatrix_gguf(tmp_path / "missing.gguf")
+
+
+def test_llama_cpp_is_loaded_by_its_loader_only() -> None:
+    """ft's packages, its training stage and its CLI import without loading llama.cpp (`ft train` loads it only to
+    export); `quantize.llama_lib` loads it (see that module for why it is the only way in)."""
+    code = (
+        "import sys, ft, ft.cli, ft.train, quantize, quantize.gguf_lm, eval, eval.tasks\n"
+        "assert 'llama_cpp' not in sys.modules, 'llama_cpp was imported'\n"
+        "from quantize.llama_lib import llama_cpp\n"
+        "print(llama_cpp.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["llama_cpp"]

@@ -1,21 +1,24 @@
-"""Training benchmark at the exact Gemma 4 12B shape: `ft train` against plain unsloth, on one GPU.
+"""Training benchmark at the exact Gemma 4 12B shape: `ft train` with each backend against plain unsloth and plain
+transformers + peft, on one GPU.
 
 A random checkpoint of the 12B shape (bench.shapes) and the bench's chat data are written once under --work; then
-each (path, point) runs in a fresh process: `ft train` on a recipe (the user's path: data checks, memory plan, QLoRA,
-trl), or plain unsloth (`FastModel`, 4-bit, `use_gradient_checkpointing="unsloth"`, trl's SFTTrainer) on the very
-token ids and labels ft encoded. Per point: peak `torch.cuda.max_memory_reserved()`, tokens per second over the
-steps after the first (non-pad tokens), process start to the end of the first optimizer step (unsloth's includes
-its compilation), and `ft plan`'s estimate. Results accumulate in --out, so a run cut off by a call's time limit
-keeps what it measured and the next call adds the rest.
+each ft (path, point) runs in a fresh process: `ft train` on a recipe (the user's path: data checks, memory plan,
+QLoRA, trl). The plain paths run every point in one process of their own on the very token ids and labels ft
+encoded, batched by ft's collator in trl's default (random) order: plain unsloth (`FastModel`, 4-bit,
+`use_gradient_checkpointing="unsloth"`, trl's SFTTrainer as unsloth patches it) and plain transformers + peft (NF4
+base, gradient checkpointing, trl's SFTTrainer). Per point: peak `torch.cuda.max_memory_reserved()`; tokens per
+second (non-pad tokens) over the steps after the first (the median step for a single row, all steps for the batch-4
+set), so compilation on a shape's first step is never in it; process start to the end of the first optimizer step
+(compilation included); and `ft plan`'s estimate. Results accumulate in --out, so a run cut off by a call's time
+limit keeps what it measured and the next call adds the rest.
 
-    python -m bench.train_12b --work /tmp/t12 --paths ft --points 8192 16384 32768 mm     # on the device machine
-    python -m bench.train_12b --work /tmp/t12 --paths unsloth --points 8192 16384
-    python -m bench.train_12b --work /tmp/t --shape tiny --points 2048 mm mixed4          # a CPU check of the script
+    python -m bench.train_12b --work /tmp/t12 --paths unsloth ft-unsloth ft-hf --points 2048 8192 mm   # GPU machine
+    python -m bench.train_12b --work /tmp/t --shape tiny --paths ft-hf --points 2048 mm mixed4        # a CPU check
 
 Points: text rows of 2048, 8192, 16384 or 32768 tokens (batch 1); `mm`, one row of a 1120-soft-token image, 60 s of
-audio and text; `mixed4`, a mixed-length text/image/audio set at batch 4, length-grouped. Paths: `ft` (the recipe's
-`train.tiled_mlp: auto`, which never tiles under the bench's 80 GiB budget), `ft-tiled` and `ft-untiled` (`on`,
-`off`), `unsloth` (text points only).
+audio and text; `mixed4`, a mixed-length text/image/audio set at batch 4 (ft groups it by length). Paths: `ft`
+(`train.backend: auto`), `ft-hf` and `ft-unsloth` (the backend forced), `ft-tiled` and `ft-untiled` (hf with
+`train.tiled_mlp` on / off; `auto` never tiles under the bench's 80 GiB budget), `unsloth` and `transformers` (plain).
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ import numpy as np
 import yaml
 
 POINTS = ("2048", "8192", "16384", "32768", "mm", "mixed4")
-PATHS = ("ft", "ft-tiled", "ft-untiled", "unsloth")
-STEPS = 3
+FT_PATHS = {"ft": {}, "ft-hf": {"backend": "hf"}, "ft-unsloth": {"backend": "unsloth"},
+            "ft-tiled": {"backend": "hf", "tiled_mlp": "on"}, "ft-untiled": {"backend": "hf", "tiled_mlp": "off"}}
+PLAIN_PATHS = ("unsloth", "transformers")
+PATHS = (*FT_PATHS, *PLAIN_PATHS)
+STEPS = 6  # unsloth compiles on a shape's first step and recompiles on its second (seen: 187, 9.0, 0.49 s); the
+# median of the 5 steps after the first is then a steady step
 MIXED_STEPS = 8  # the batch-4 set: enough steps to cover rows of every kind
-UNSLOTH_STEPS = 6  # unsloth compiles on a shape's first step and may recompile on its second (seen: 239, 12.9, 3.6 s)
+ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "The quick brown fox jumps over the lazy dog while the river runs past the old house. "
 
 
@@ -118,7 +125,21 @@ def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, i
     return path, soft, batch
 
 
-def recipe_for(work: Path, point: str, model: Path, tiny: bool, tiled: str) -> Path:
+def child_env(work: Path) -> dict[str, str]:
+    """Offline, and one compile cache for every unsloth process of the run (a later process reuses its kernels)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_COMPILE_LOCATION": str(work / "unsloth_compiled_cache")}
+
+
+def steady_rate(seconds: list[float], tokens: list[int], single_row: bool) -> float:
+    """Non-pad tokens per second after the first step (where kernels warm up and unsloth compiles): the median
+    step's for a single repeated row, whose steps are all alike; all steps' for a batch of mixed rows."""
+    steady = list(zip(seconds[1:], tokens[1:], strict=True)) or list(zip(seconds, tokens, strict=True))
+    if single_row:
+        return round(steady[0][1] / float(np.median([s for s, _ in steady])), 1)
+    return round(sum(t for _, t in steady) / sum(s for s, _ in steady), 1)
+
+
+def recipe_for(work: Path, path: str, point: str, model: Path, tiny: bool) -> Path:
     data, soft, batch = write_data(work, point, model, tiny)
     steps = MIXED_STEPS if point == "mixed4" else STEPS
     recipe = {
@@ -126,91 +147,124 @@ def recipe_for(work: Path, point: str, model: Path, tiny: bool, tiled: str) -> P
         "data": {"train": str(data), "max_seq_length": 40000, "image_soft_tokens": soft},
         "lora": {"r": 16, "alpha": 32},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "log_every": 1, "save_every": 1000,
-                  "gradient_checkpointing": True, "tiled_mlp": tiled, "memory_budget_gb": 80},
+                  "gradient_checkpointing": True, "memory_budget_gb": 80, **FT_PATHS[path]},
         "logging": {"wandb": "disabled"},
-        "output": {"dir": str(work / "runs" / f"{point}-{tiled}"), "overwrite": True},
+        "output": {"dir": str(work / "runs" / f"{point}-{path}"), "overwrite": True},
     }
-    path = work / f"recipe-{point}-{tiled}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    recipe_path = work / f"recipe-{point}-{path}.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    return recipe_path
 
 
-def run_ft(work: Path, point: str, model: Path, tiny: bool, tiled: str) -> dict[str, Any]:
-    """One `ft train` in a fresh process; its summary.json carries the plan, the peak and the step clock."""
-    recipe = recipe_for(work, point, model, tiny, tiled)
+def run_ft(work: Path, path: str, point: str, model: Path, tiny: bool) -> dict[str, Any]:
+    """One `ft train` in a fresh process; its summary.json carries the backend, the plan, the peak and the step
+    clock."""
+    recipe = recipe_for(work, path, point, model, tiny)
     run = yaml.safe_load(recipe.read_text())["output"]["dir"]
     result = subprocess.run([sys.executable, "-m", "ft", "train", str(recipe)], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env=child_env(work), cwd=ROOT)
     if result.returncode != 0:
         return {"error": result.stderr[-3000:]}
     summary = json.loads((Path(run) / "summary.json").read_text())
-    memory = summary.get("memory", {})
-    return {"tokens_per_second": summary["throughput"].get("tokens_per_second"),
-            "step_seconds": summary["throughput"].get("step_seconds"),
-            "step_tokens": summary["throughput"].get("step_tokens"),
+    memory, clock = summary.get("memory", {}), summary["throughput"]
+    return {"backend": summary["backend"], "backend_reason": summary["backend_reason"],
+            "tokens_per_second": steady_rate(clock["step_seconds"], clock["step_tokens"], point != "mixed4"),
+            "step_seconds": clock["step_seconds"], "step_tokens": clock["step_tokens"],
             "first_step_after_seconds": summary["first_step_after_seconds"],
             "peak_reserved_gib": memory.get("peak_reserved_gib"), "planned_gib": memory.get("planned_gib"),
             "tiled_mlp": memory.get("tiled_mlp"), "offload_activations": memory.get("offload_activations")}
 
 
-def plain_unsloth(work: Path, points: list[str], model: Path, out: Path) -> None:
-    """Plain unsloth on the same encoded rows as ft, all points in this one process (its compiled code is reused);
-    writes one JSON object per point to `out`."""
+def plain_model(kind: str, model: Path, longest: int) -> Any:
+    """The 12B checkpoint with an r=16 LoRA on every language projection, as a user of the library alone builds it."""
+    if kind == "unsloth":
+        from unsloth import FastModel
+
+        fast, _ = FastModel.from_pretrained(str(model), max_seq_length=longest, load_in_4bit=True)
+        return FastModel.get_peft_model(
+            fast, r=16, lora_alpha=32, lora_dropout=0, bias="none", finetune_vision_layers=False,
+            finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True,
+            use_gradient_checkpointing="unsloth", random_state=0,
+        )
+    from ft.lora import apply_lora
+    from ft.models import load_model
+    from ft.recipe import LoraSection
+
+    return apply_lora(load_model(str(model), "bfloat16", "cuda", "nf4"), LoraSection(r=16, alpha=32))
+
+
+def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) -> None:
+    """Plain unsloth or transformers + peft on the same encoded rows as ft, all points in this one process (unsloth's
+    compiled code is reused); writes one JSON object per point to `out` as it goes."""
     import psutil
     import torch
-    from unsloth import FastModel  # noqa: I001  (unsloth must be imported before trl and transformers)
-    from datasets import Dataset
+
+    if kind == "unsloth":
+        import unsloth  # noqa: F401  (unsloth patches trl and transformers when imported before them)
     from trl import SFTConfig, SFTTrainer
 
     from ft.callbacks import StepClock
     from ft.data import load_rows
-    from ft.encode import encode_row
-    from ft.models import load_processor
+    from ft.encode import collate_items, encoded_dataset, length_of
+    from ft.memory import count_parameters, estimate
+    from ft.models import load_config, load_processor
+    from ft.recipe import LoraSection
 
     started = psutil.Process().create_time()
-    longest = max(int(p) for p in points)
-    fast, _ = FastModel.from_pretrained(str(model), max_seq_length=longest, load_in_4bit=True)
-    fast = FastModel.get_peft_model(
-        fast, r=16, lora_alpha=32, lora_dropout=0, bias="none", finetune_vision_layers=False,
-        finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True,
-        use_gradient_checkpointing="unsloth", random_state=0,
-    )
-
     processor = load_processor(str(model), 1120)
-    results = {}
+    loaded = {}
     for point in points:
-        data, _, _ = write_data(work, point, model, tiny=False)
-        features = encode_row(load_rows(data)[0], processor)
-        tokens = int(features["input_ids"].numel())
-        rows = Dataset.from_dict({k: [features[k].tolist()] for k in ("input_ids", "attention_mask", "labels")})
+        data, _, batch = write_data(work, point, model, tiny=False)
+        rows = load_rows(data)
+        loaded[point] = (rows, batch, max(length_of(row, processor) for row in rows))
+    fast = plain_model(kind, model, max(longest for _, _, longest in loaded.values()))
+    counts = count_parameters(load_config(str(model)), LoraSection(r=16))
+    results = {}
+    for point, (rows, batch, longest) in loaded.items():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         clock = StepClock()  # steps timed with the GPU synchronized at both ends, as ft's own runs
-        trainer = SFTTrainer(
-            model=fast, train_dataset=rows, processing_class=processor.tokenizer, callbacks=[clock],
-            args=SFTConfig(output_dir=str(work / "unsloth"), per_device_train_batch_size=1,
+
+        class CountingTrainer(SFTTrainer):
+            def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+                clock.tokens += int(inputs["attention_mask"].sum())
+                return super().training_step(model, inputs, *args, **kwargs)
+
+        trainer = CountingTrainer(
+            model=fast, train_dataset=encoded_dataset(rows, processor), processing_class=processor.tokenizer,
+            callbacks=[clock],
+            data_collator=lambda items: collate_items(items, pad_token_id=processor.tokenizer.pad_token_id),
+            args=SFTConfig(output_dir=str(work / kind), per_device_train_batch_size=batch, seed=0,
                            learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[], bf16=True,
                            dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, optim="adamw_torch",
-                           max_steps=UNSLOTH_STEPS),
+                           remove_unused_columns=False, max_steps=MIXED_STEPS if point == "mixed4" else STEPS),
         )
-        trainer.train()
-        seconds = [s for s, _ in clock.steps]
-        results[point] = {"tokens_per_second": round(tokens / float(np.median(seconds[1:])), 1),
-                          "step_seconds": [round(s, 3) for s in seconds],
-                          "first_step_after_seconds": (round(clock.first_step_end - started, 1)
-                                                       if point == points[0] else None),
-                          "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                          "tokens": tokens}
+        try:
+            trainer.train()
+        except torch.cuda.OutOfMemoryError as exc:
+            results[point] = {"error": f"out of memory: {exc}"[:300]}
+            del trainer
+            continue
+        seconds, tokens = [s for s, _ in clock.steps], [t for _, t in clock.steps]
+        results[point] = {
+            "tokens_per_second": steady_rate(seconds, tokens, point != "mixed4"),
+            "step_seconds": [round(s, 3) for s in seconds], "step_tokens": tokens,
+            "first_step_after_seconds": round(clock.first_step_end - started, 1) if not results else None,
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "planned_gib": round(estimate(counts, batch * longest, kind, quantized=True).total_gib, 2),
+        }
         out.write_text(json.dumps(results))
+        del trainer
 
 
-def run_unsloth(work: Path, points: list[str], model: Path) -> dict[str, dict[str, Any]]:
-    out = work / "unsloth.json"
+def run_plain(kind: str, work: Path, points: list[str], model: Path) -> dict[str, dict[str, Any]]:
+    out = work / f"{kind}.json"
     out.unlink(missing_ok=True)
-    code = ("import sys; from pathlib import Path; from bench.train_12b import plain_unsloth; "
-            "plain_unsloth(Path(sys.argv[1]), sys.argv[3:], Path(sys.argv[2]), Path(sys.argv[1]) / 'unsloth.json')")
-    result = subprocess.run([sys.executable, "-c", code, str(work), str(model), *points], capture_output=True,
-                            text=True, cwd=Path(__file__).resolve().parents[1])
+    code = ("import sys; from pathlib import Path; from bench.train_12b import plain_run; "
+            "plain_run(sys.argv[1], Path(sys.argv[2]), sys.argv[4:], Path(sys.argv[3]), "
+            "Path(sys.argv[2]) / f'{sys.argv[1]}.json')")
+    result = subprocess.run([sys.executable, "-c", code, kind, str(work), str(model), *points], capture_output=True,
+                            text=True, cwd=ROOT, env=child_env(work))
     measured = json.loads(out.read_text()) if out.is_file() else {}
     if result.returncode != 0:
         for point in points:
@@ -249,14 +303,12 @@ def main() -> None:
     model = build_checkpoint(args.work, args.shape)
     tiny = args.shape == "tiny"
     for path in args.paths:
-        if path == "unsloth":
-            text_points = [p for p in args.points if p.isdigit()]
-            results.setdefault(path, {}).update(run_unsloth(args.work, text_points, model) if text_points else {})
+        if path in PLAIN_PATHS:
+            results.setdefault(path, {}).update(run_plain(path, args.work, args.points, model))
             _write(args, results)
             continue
         for point in args.points:
-            results.setdefault(path, {})[point] = run_ft(args.work, point, model, tiny,
-                                                         {"ft-tiled": "on", "ft-untiled": "off"}.get(path, "auto"))
+            results.setdefault(path, {})[point] = run_ft(args.work, path, point, model, tiny)
             _write(args, results)
             print(table(results), flush=True)
     print(table(results), flush=True)
@@ -268,10 +320,11 @@ def _write(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     payload = {"benchmark": "train_12b", "shape": args.shape, "date": datetime.date.today().isoformat(),
                "device": device, "commands": args.commands,
-               "steps_per_point": {"ft": STEPS, "ft mixed4": MIXED_STEPS, "unsloth": UNSLOTH_STEPS},
-               "notes": "tokens_per_second: non-pad tokens over the steps after the first; first_step_after_seconds: "
-                        "process start to the end of the first optimizer step (unsloth's includes compilation); "
-                        "unsloth's tokens_per_second: the median step after the first",
+               "steps_per_point": {"single row": STEPS, "mixed4": MIXED_STEPS},
+               "notes": "tokens_per_second: non-pad tokens over the steps after the first (the median step for a "
+                        "single row, all steps for mixed4), so no compilation is in it; first_step_after_seconds: "
+                        "process start to the end of the first optimizer step, compilation included (plain paths: "
+                        "their first point only); planned_gib: ft plan's estimate for that backend",
                "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -62,9 +62,12 @@ def train(
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
         with held:
-            from ft.train import train as run_training  # heavy imports (torch, transformers) only when training
+            from ft.backends import choose
 
-            summary = run_training(loaded, resume=resume)
+            backend = choose(loaded)  # imports unsloth, when it is the one, before trl and transformers load
+            from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
+
+            summary = run_training(loaded, resume=resume, backend=backend)
             err.print_json(json.dumps(summary))
             if loaded.export is not None:
                 from quantize.pipeline import export_run  # the first stage that loads llama.cpp
@@ -144,7 +147,7 @@ def plan(recipe: RecipeArg, overrides: Overrides = None) -> None:
         with loaded.blame("model.name"):
             config = load_config(loaded.model.name)
         estimate = plan_for(loaded, config)
-        check_budget(loaded, estimate)  # its error carries the table
+        check_budget(loaded, estimate, config)  # its error carries the table
     except FtError as exc:
         _fail(exc)
     err.print(f"{recipe}: {estimate.backend} backend, {estimate.base} base, a step of "

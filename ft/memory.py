@@ -42,6 +42,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ft.backends import choose_for_plan
 from ft.errors import FtError
 from ft.lora import target_regex
 from ft.recipe import LoraSection, Recipe
@@ -173,11 +174,12 @@ def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool
     )
 
 
-def plan_for(recipe: Recipe, config: object, tokens: int | None = None) -> MemoryPlan:
-    """The estimate for a recipe's run on CUDA; tokens defaults to the recipe's worst case (a batch of
-    max-length rows). `train.tiled_mlp: auto` tiles only when the untiled step would not fit the budget."""
+def plan_for(recipe: Recipe, config: object, tokens: int | None = None, backend: Backend | None = None) -> MemoryPlan:
+    """The estimate for a recipe's run on CUDA with `backend` (default: the one `train.backend` gives on a CUDA
+    machine with unsloth installed); tokens defaults to the recipe's worst case (a batch of max-length rows).
+    `train.tiled_mlp: auto` tiles only when the untiled step would not fit the budget."""
     t = recipe.train
-    backend: Backend = "unsloth" if t.backend == "unsloth" else "hf"
+    backend = backend or choose_for_plan(t.backend)
     tokens = tokens or t.batch_size * recipe.data.max_seq_length
     quantized = backend == "unsloth" or recipe.model.quantization in ("auto", "nf4")
     checkpointing = t.gradient_checkpointing or backend == "unsloth"
@@ -194,14 +196,21 @@ def plan_for(recipe: Recipe, config: object, tokens: int | None = None) -> Memor
     return untiled
 
 
-def check_budget(recipe: Recipe, plan: MemoryPlan) -> None:
-    """Raise a FtError naming `train.memory_budget_gb` when the plan does not fit the budget."""
+def check_budget(recipe: Recipe, plan: MemoryPlan, config: object) -> None:
+    """Raise a FtError naming `train.memory_budget_gb` when the plan does not fit the budget; for an unsloth plan,
+    the message says whether ft's own hf path (offloaded checkpoints, tiled MLP) would fit instead."""
     budget = recipe.train.memory_budget_gb
-    if plan.total_gib > budget:
-        raise FtError(
-            f"{recipe.where('train.memory_budget_gb')}: this run needs about {plan.total_gib:.1f} GiB of GPU memory, "
-            f"more than the budget of {budget:g} GiB ({plan.backend} backend, "
-            f"{plan.base} base):\n{plan.table()}\n"
-            "Lower data.max_seq_length or train.batch_size (the largest step sets the peak), lower lora.r, turn on "
-            "train.gradient_checkpointing, or raise train.memory_budget_gb if the GPU has more memory."
-        )
+    if plan.total_gib <= budget:
+        return
+    hint = ""
+    if plan.backend == "unsloth":
+        hf = plan_for(recipe, config, plan.tokens, "hf")
+        if hf.total_gib <= budget:
+            hint = (f"train.backend=hf fits: ft's own path plans {hf.total_gib:.1f} GiB for this step (checkpointed "
+                    "layer inputs in CPU memory, the MLP run in tiles).\n")
+    raise FtError(
+        f"{recipe.where('train.memory_budget_gb')}: this run needs about {plan.total_gib:.1f} GiB of GPU memory, "
+        f"more than the budget of {budget:g} GiB ({plan.backend} backend, {plan.base} base):\n{plan.table()}\n{hint}"
+        "Lower data.max_seq_length or train.batch_size (the largest step sets the peak), lower lora.r, turn on "
+        "train.gradient_checkpointing, or raise train.memory_budget_gb if the GPU has more memory."
+    )

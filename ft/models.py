@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from transformers import (
 )
 
 from ft.errors import ModelError
-from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny, tiny_config, tiny_processor
+from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny, save_tiny, tiny_config, tiny_processor
 
 MODEL_TYPE = "gemma4_unified"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -129,14 +131,21 @@ def load_model(
     when quantized, as bitsandbytes quantizes while loading)."""
     torch_dtype = resolve_dtype(dtype, device)
     nf4 = resolve_quantization(quantization, device) == "nf4"
+    if name.startswith(TINY_PREFIX) and not nf4:
+        return build_tiny(_tiny_name(name))[0].to(torch_dtype).to(device)
+    with checkpoint_folder(name) as source:
+        return _from_pretrained(source, name, torch_dtype, device, nf4)
+
+
+@contextmanager
+def checkpoint_folder(name: str) -> Iterator[str]:
+    """What a loader that reads checkpoints (bitsandbytes quantizing while loading, unsloth) should be given: a
+    local directory or a reachable hub id, and for a tiny model a temporary checkpoint of it with its processor."""
     if not name.startswith(TINY_PREFIX):
-        return _from_pretrained(locate(name), name, torch_dtype, device, nf4)
-    model = build_tiny(_tiny_name(name))[0].to(torch_dtype)
-    if not nf4:
-        return model.to(device)
+        yield locate(name)
+        return
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        return _from_pretrained(folder, name, torch_dtype, device, nf4)
+        yield str(save_tiny(Path(folder), _tiny_name(name)))
 
 
 def _from_pretrained(
@@ -149,6 +158,3 @@ def _from_pretrained(
         raise ModelError(f"cannot load model '{name}': {exc}") from None
     return model if nf4 else model.to(device)  # a 4-bit model is placed by device_map and cannot be moved
 
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

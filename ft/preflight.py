@@ -1,7 +1,7 @@
 """Every check that needs only the recipe, run before anything slow (torch, the model, the data rows).
 
 `ft validate` and `ft train` call `check_recipe` first, so a recipe that cannot work fails in about a second, naming
-the recipe line and key: the training backend, the run directory, export and eval folders (folders ft may write, see
+the recipe line and key: the run directory, export and eval folders (folders ft may write, see
 `ft.rundir`; a run directory that holds a run only with --resume or output.overwrite). eval.tasks is checked against
 reasoning-gym's registry by the CLI, which chains the stages (`eval.tasks.check_tasks`). The schema (`ft.recipe`) has already checked single values and the rules between keys, such
 as train.warmup_steps below train.max_steps and known export.quants types.
@@ -15,10 +15,7 @@ from ft.recipe import Recipe
 
 
 def check_recipe(recipe: Recipe, resume: bool = False) -> None:
-    """Raise FtError, naming file, line and key: an unavailable backend or the first folder problem."""
-    if recipe.train.backend == "unsloth":
-        raise RecipeError(f"{recipe.where('train.backend')}: unsloth is not available in this release; "
-                          "use hf (or auto)")
+    """Raise FtError, naming file, line and key: the first folder problem."""
     run = recipe.output.dir
     with recipe.blame("output.dir"):
         rundir.check(run, "run")

@@ -88,7 +88,8 @@ class LoraSection(Section):
 
 class TrainSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
-        "auto", description="auto is transformers+peft (hf); unsloth is planned for CUDA but not in this release."
+        "auto", description="Who builds and trains the model: hf (transformers + peft + bitsandbytes with ft's "
+        "memory work; any device) or unsloth (CUDA only); auto is unsloth on CUDA where it imports, hf elsewhere."
     )
     seed: int = Field(0, ge=0, description="Seeds weights of new LoRA layers, data order and dropout.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")

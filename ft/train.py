@@ -34,21 +34,19 @@ from transformers import PrinterCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
-from ft import attention
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
+from ft.backends import Backend, choose
 from ft.batching import LengthGroupedEpochSampler, padding_share
 from ft.callbacks import MetricsLog, RichProgress, StepClock, read_metrics
 from ft.data import Row, load_rows
 from ft.encode import collate_items, encoded_dataset
-from ft.kernels import use_liger_kernels
-from ft.lora import apply_lora, lora_modules
+from ft.lora import lora_modules
 from ft.loss import causal_lm_loss
 from ft.memory import MemoryPlan, check_budget, plan_for
-from ft.models import default_device, load_config, load_model, load_processor
+from ft.models import load_config, load_processor
 from ft.plots import loss_curve
 from ft.recipe import Recipe
 from ft.rundir import clear
-from ft.tiling import tile_mlps
 from ft.validate import check_rows
 
 console = Console(stderr=True)
@@ -161,17 +159,12 @@ def wandb_mode(setting: str) -> str:
     return setting
 
 
-def tiles_mlp(recipe: Recipe, plan: MemoryPlan | None) -> bool:
-    """Whether the MLP runs a tile of tokens at a time (`ft.tiling`): as the CUDA memory plan decided, or, on a CPU
-    (no plan), when the recipe says `on`; only with gradient checkpointing."""
-    if plan is not None:
-        return plan.tiled_mlp
-    return recipe.train.gradient_checkpointing and recipe.train.tiled_mlp == "on"
-
-
-def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: MemoryPlan | None) -> SFTConfig:
-    """The Trainer's settings; offloading follows the CUDA memory plan (there is none, and no offloading, on CPUs)."""
+def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: MemoryPlan | None,
+                       backend: Backend) -> SFTConfig:
+    """The Trainer's settings; offloading follows the CUDA memory plan (there is none, and no offloading, on CPUs).
+    unsloth always checkpoints, its own way (offloaded, reentrant), as plain unsloth does under trl's defaults."""
     t, run = recipe.train, recipe.output.dir
+    hf = backend.name == "hf"
     mode = wandb_mode(recipe.logging.wandb)
     if mode != "disabled":
         os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(run), WANDB_PROJECT=recipe.logging.project, WANDB_SILENT="true")
@@ -198,8 +191,9 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: Memory
         save_strategy="steps",
         save_steps=t.save_every,
         save_total_limit=t.keep_checkpoints,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # offloading and MLP tiles need the non-reentrant kind
+        gradient_checkpointing=t.gradient_checkpointing or not hf,
+        # ft's offloading and MLP tiles need the non-reentrant kind; unsloth picks its own
+        gradient_checkpointing_kwargs={"use_reentrant": False} if hf else None,
         activation_offloading=plan is not None and plan.offload,
         bf16=device == "cuda" and recipe.model.dtype in ("auto", "bfloat16"),
         use_cpu=device == "cpu",
@@ -215,12 +209,13 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: Memory
 
 
 def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, modules: list[str],
-              pad_share: float | None, plan: MemoryPlan | None, clock: StepClock) -> dict[str, Any]:
+              pad_share: float | None, plan: MemoryPlan | None, clock: StepClock, backend: Backend) -> dict[str, Any]:
     evals = [r for r in records if "eval_loss" in r]
     losses = [r for r in records if "loss" in r]
     summary: dict[str, Any] = {
         "model": recipe.model.name,
-        "backend": "hf",
+        "backend": backend.name,
+        "backend_reason": backend.reason,
         "steps": max((r["step"] for r in records), default=0),
         "train_loss_last": losses[-1]["loss"] if losses else None,
         "eval_loss_first": evals[0]["eval_loss"] if evals else None,
@@ -241,11 +236,13 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
     return summary
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
+def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None) -> dict[str, Any]:
     """Run the training stage of a recipe that passed `ft.preflight` and whose run directory this process has
-    claimed (`ft.rundir`); return the run's summary."""
+    claimed (`ft.rundir`); return the run's summary. `ft train` chooses the backend before importing this module
+    (unsloth must load before trl); without one, it is chosen here."""
     started = time.time()
-    device = default_device()
+    backend = backend or choose(recipe)
+    device = backend.device
     last_checkpoint = checkpoint_to_resume(recipe, resume)
     set_seed(recipe.train.seed)
     with recipe.blame("model.name"):
@@ -256,25 +253,19 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         with recipe.blame("model.name"):
             config = load_config(recipe.model.name)
         # A batch of the longest rows bounds every step (and grouping by length makes such a batch likely).
-        plan = plan_for(recipe, config, recipe.train.batch_size * max(lengths))
-        check_budget(recipe, plan)
-        console.print(f"hf backend (transformers + peft + trl) on CUDA, planned peak {plan.total_gib:.1f} GiB: "
-                      + ", ".join(f"{key} {value}" for key, value in plan.settings().items()), highlight=False)
-    with recipe.blame("model.name"):
-        model = load_model(recipe.model.name, recipe.model.dtype, device, recipe.model.quantization)
-    model.set_attn_implementation(attention.register())
-    if device == "cuda":
-        use_liger_kernels(model)
-    if tiles_mlp(recipe, plan):
-        tile_mlps(model)
+        plan = plan_for(recipe, config, recipe.train.batch_size * max(lengths), backend.name)
+        check_budget(recipe, plan, config)
+    header = f"{backend.name} backend ({backend.reason}) on {device}"
+    if plan is not None:
+        header += f", planned peak {plan.total_gib:.1f} GiB: " + ", ".join(f"{k} {v}" for k, v in plan.settings().items())
+    console.print(header, highlight=False)
+    model = backend.load(recipe, plan)
     run = prepare_run_dir(recipe, last_checkpoint)
-
-    model = apply_lora(model, recipe.lora)
     modules = lora_modules(model)
     metrics, clock = MetricsLog(run / "metrics.jsonl"), StepClock()
     trainer = RecipeTrainer(
         model=model,
-        args=training_arguments(recipe, device, bool(eval_rows), plan),
+        args=training_arguments(recipe, device, bool(eval_rows), plan, backend),
         train_dataset=encoded_dataset(train_rows, processor),
         eval_dataset=encoded_dataset(eval_rows, processor) if eval_rows else None,
         processing_class=processor,
@@ -303,7 +294,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         model.save_pretrained(tmp, save_embedding_layers=False)  # embeddings are never trained here
     records = read_metrics(run / "metrics.jsonl")
     loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
-    summary = summarize(recipe, records, time.time() - started, modules, pad_share, plan, clock)
+    summary = summarize(recipe, records, time.time() - started, modules, pad_share, plan, clock, backend)
     write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

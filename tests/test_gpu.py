@@ -6,6 +6,8 @@ differs: trl's fused LM head against ft's chunked loss, Liger's RMSNorm and GeGL
 checkpointing, activation offloading (the demo's rows are shorter than one MLP tile; tests/test_long_rows.py checks
 tiles on the CPU).
 
+The unsloth backend trains the tiny model as the hf backend does, and `auto` records what it picked.
+
 A 12B-shaped GGUF loads and decodes through eval in a fresh process that imported numpy, or torch with CUDA, first
 (set FT_GGUF_12B to one: `python -m bench.eval_speed --work /tmp/s12 --stage inputs`, then `--stage quantize`).
 """
@@ -48,6 +50,53 @@ def test_gpu_loss_curve_matches_cpu(tmp_path: Path, checkpointing: bool) -> None
     assert len(curves["cpu"]) == len(curves["cuda"]) == 10
     assert curves["cuda"] == pytest.approx(curves["cpu"], rel=2e-2), curves
     assert curves["cuda"][-1] < curves["cuda"][0]
+
+
+def test_unsloth_backend_trains_as_the_hf_backend_does(tmp_path: Path) -> None:
+    """The same recipe through both backends on the GPU (NF4 base, the demo's text, image and audio rows): the same
+    first-step loss within 1% (the LoRA starts as a no-op, so that is the base model's loss on the same batch), a
+    falling curve, and an adapter with the very tensor names, shapes and module list that `ft quantize` merges."""
+    from safetensors import safe_open
+
+    runs = {}
+    for backend in ("hf", "unsloth"):
+        (tmp_path / backend).mkdir()
+        recipe = write_recipe(tmp_path / backend / "r.yaml", lora={"vision": True, "audio": True},
+                              train={"backend": backend, "max_steps": 12, "log_every": 1, "eval_every": 12,
+                                     "save_every": 6, "gradient_checkpointing": True})
+        sections = yaml.safe_load(recipe.read_text())
+        del sections["export"], sections["eval"]
+        recipe.write_text(yaml.safe_dump(sections))
+        result = run_ft("train", str(recipe))
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert f"{backend} backend (the recipe asks for {backend}) on cuda" in result.stderr
+        runs[backend] = tmp_path / backend / "run"
+    curves = {backend: losses(run) for backend, run in runs.items()}
+    assert curves["unsloth"][0] == pytest.approx(curves["hf"][0], rel=1e-2), curves
+    assert curves["unsloth"][-1] < curves["unsloth"][0], curves
+    summaries = {b: json.loads((run / "summary.json").read_text()) for b, run in runs.items()}
+    assert summaries["unsloth"]["backend"] == "unsloth"
+    assert summaries["unsloth"]["lora_modules"] == summaries["hf"]["lora_modules"]
+
+    def tensors(run: Path) -> dict[str, tuple[int, ...]]:
+        with safe_open(run / "adapter" / "adapter_model.safetensors", framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+    assert tensors(runs["unsloth"]) == tensors(runs["hf"])
+    assert sorted(p.name for p in (runs["unsloth"] / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-6"]
+
+
+def test_auto_backend_on_cuda_says_what_it_picked(tmp_path: Path) -> None:
+    from ft.backends import AUTO_ON_CUDA
+
+    recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 2, "eval_every": 2, "save_every": 2})
+    sections = yaml.safe_load(recipe.read_text())
+    del sections["export"], sections["eval"]
+    recipe.write_text(yaml.safe_dump(sections))
+    result = run_ft("train", str(recipe))
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["backend"], summary["backend_reason"]) == (AUTO_ON_CUDA, "auto on CUDA")
 
 
 GGUF_12B = os.environ.get("FT_GGUF_12B", "")

@@ -75,12 +75,14 @@ def test_estimate_matches_ft_h200_measurements(counts_12b, tokens: int, tiled: b
 
 def test_plan_refuses_a_recipe_over_budget(tmp_path: Path, config_dir_12b: Path) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", model={"name": str(config_dir_12b)},
-                          data={"max_seq_length": 16384}, train={"backend": "unsloth", "memory_budget_gb": 15, "batch_size": 1})
+                          data={"max_seq_length": 16384}, train={"backend": "unsloth", "memory_budget_gb": 15, "batch_size": 1,
+                                                                 "gradient_checkpointing": True})
     result = run_ft("plan", str(recipe))
     assert result.returncode == 2, result.stderr
     line = next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if "memory_budget_gb" in text)
     assert f"{recipe}:{line}: train.memory_budget_gb" in result.stderr
     assert "16.2 GiB" in result.stderr and "layer being recomputed (16384 tokens)" in result.stderr
+    assert "train.backend=hf fits: ft's own path plans 14.2 GiB for this step" in result.stderr
     fits = run_ft("plan", str(recipe), "data.max_seq_length=8192")
     assert fits.returncode == 0 and "ok: fits 15 GiB" in fits.stderr, fits.stderr
 
@@ -100,7 +102,8 @@ def test_tiled_mlp_auto_tiles_only_a_step_over_budget(tmp_path: Path, config_dir
     from ft.recipe_io import load_recipe
 
     recipe = write_recipe(tmp_path / "r.yaml", model={"name": str(config_dir_12b)}, data={"max_seq_length": 16384},
-                          train={"gradient_checkpointing": True, "memory_budget_gb": 15, "batch_size": 1})
+                          train={"backend": "hf", "gradient_checkpointing": True, "memory_budget_gb": 15,
+                                 "batch_size": 1})
     config = load_config(str(config_dir_12b))
     tight = plan_for(load_recipe(recipe, []), config)
     roomy = plan_for(load_recipe(recipe, ["train.memory_budget_gb=80"]), config)
@@ -109,3 +112,14 @@ def test_tiled_mlp_auto_tiles_only_a_step_over_budget(tmp_path: Path, config_dir
     assert tight.working < roomy.working and tight.total_gib <= 15 < roomy.total_gib
     assert tight.offload and roomy.offload and not kept.offload
     assert kept.checkpoints == pytest.approx(48 / 5 * roomy.checkpoints)
+
+
+def test_plan_names_the_backend_it_estimates(tmp_path: Path, config_dir_12b: Path) -> None:
+    """`ft plan` estimates what a CUDA machine would run: unsloth for auto, ft's own path for hf."""
+    recipe = write_recipe(tmp_path / "r.yaml", model={"name": str(config_dir_12b)}, data={"max_seq_length": 2048},
+                          train={"gradient_checkpointing": True, "batch_size": 1})
+    for setting, expected in (("auto", "unsloth backend"), ("hf", "hf backend")):
+        result = run_ft("plan", str(recipe), f"train.backend={setting}")
+        assert result.returncode == 0, result.stderr
+        assert f"{expected}, 4-bit base, a step of 1 x 2048 tokens" in result.stderr
+

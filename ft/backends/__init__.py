@@ -1,0 +1,86 @@
+"""Which training backend runs, and why: the one seam between the training stage and the libraries that build the
+model it trains.
+
+A backend is a module here with one function, `load(recipe, device, plan) -> PeftModel`: the base model with the
+recipe's LoRA on it, ready for trl's SFTTrainer. Everything after that (data, trainer, checkpoints, run directory)
+is the same for every backend (`ft.train`).
+
+- `hf`: transformers + peft + bitsandbytes with ft's own memory work (`ft.backends.hf`); runs anywhere.
+- `unsloth`: unsloth's FastModel, its kernels and offloaded checkpointing (`ft.backends.unsloth`); CUDA only.
+
+`train.backend: auto` is unsloth on CUDA where unsloth imports, hf elsewhere; the choice and its reason go into the
+progress header and summary.json, so a run never falls back silently.
+
+    >>> choose_for_plan("auto"), choose_for_plan("hf")
+    ('unsloth', 'hf')
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ft.errors import RecipeError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from ft.memory import MemoryPlan
+    from ft.recipe import Recipe
+
+Name = Literal["hf", "unsloth"]
+AUTO_ON_CUDA: Name = "unsloth"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: Name
+    device: str  # "cuda" where torch sees a GPU, else "cpu"
+    reason: str
+
+    def load(self, recipe: Recipe, plan: MemoryPlan | None) -> PeftModel:
+        """The recipe's base model with its LoRA, from this backend's module."""
+        return importlib.import_module(f"ft.backends.{self.name}").load(recipe, self.device, plan)
+
+
+def choose_for_plan(setting: str) -> Name:
+    """The backend a recipe's setting gives on a CUDA machine with unsloth installed: what `ft plan` estimates."""
+    return AUTO_ON_CUDA if setting == "auto" else setting  # type: ignore[return-value]
+
+
+def choose(recipe: Recipe) -> Backend:
+    """The backend and device this run uses. Picking unsloth imports it here, before trl, transformers and peft
+    load (unsloth patches them at import), so `ft train` calls this before importing `ft.train`; an import failure
+    is the reason auto gives for hf, and a RecipeError when the recipe asks for unsloth."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    setting = recipe.train.backend
+    if setting == "hf":
+        return Backend("hf", device, "the recipe asks for hf")
+    if device != "cuda":
+        if setting == "unsloth":
+            raise RecipeError(f"{recipe.where('train.backend')}: unsloth needs a CUDA GPU and this machine has none; "
+                              "use hf (or auto, which picks hf here)")
+        return Backend("hf", device, "auto on a machine without CUDA")
+    problem = _unsloth_problem()
+    if problem is None:
+        return Backend("unsloth", device, "the recipe asks for unsloth" if setting == "unsloth" else "auto on CUDA")
+    if setting == "unsloth":
+        raise RecipeError(f"{recipe.where('train.backend')}: unsloth cannot run here: {problem}; use hf (or auto)")
+    return Backend("hf", device, f"auto on CUDA, but unsloth cannot run here: {problem}")
+
+
+def _unsloth_problem() -> str | None:
+    """Why unsloth cannot be used in this process (None: it imported)."""
+    if importlib.util.find_spec("unsloth") is None:
+        return "it is not installed (pip install -e . installs it)"
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # ft makes no network calls of its own at run time
+    try:
+        importlib.import_module("unsloth")
+    except Exception as exc:  # unsloth raises NotImplementedError, ImportError or RuntimeError by platform
+        return f"importing it failed ({type(exc).__name__}: {exc})"
+    return None

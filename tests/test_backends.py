@@ -1,0 +1,67 @@
+"""Which backend a run gets (`ft.backends.choose`): never a silent fallback, a clear error where a forced backend
+cannot run, and nothing imports unsloth on a machine without CUDA (CI's). The unsloth backend itself needs a GPU:
+tests/test_gpu.py trains with it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_ft, write_recipe
+
+from ft import backends
+from ft.errors import RecipeError
+from ft.recipe_io import load_recipe
+
+
+def recipe_with(tmp_path: Path, backend: str) -> Path:
+    return write_recipe(tmp_path / "r.yaml", train={"backend": backend})
+
+
+def line_of(recipe: Path, key: str) -> int:
+    return next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if text.strip().startswith(f"{key}:"))
+
+
+def test_forced_unsloth_without_cuda_fails_naming_the_line(tmp_path: Path) -> None:
+    recipe = recipe_with(tmp_path, "unsloth")
+    result = run_ft("train", str(recipe), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode != 0
+    assert f"{recipe}:{line_of(recipe, 'backend')}: train.backend: unsloth needs a CUDA GPU" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_auto_on_cpu_is_hf_and_says_why(demo_run: Path) -> None:
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert (summary["backend"], summary["backend_reason"]) == ("hf", "auto on a machine without CUDA")
+
+
+@pytest.mark.parametrize("setting", ["auto", "hf"])
+def test_cpu_choice_never_imports_unsloth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    chosen = backends.choose(load_recipe(recipe_with(tmp_path, setting), []))
+    assert (chosen.name, chosen.device) == ("hf", "cpu")
+    assert "unsloth" not in sys.modules
+
+
+def test_cuda_without_a_working_unsloth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto falls back to hf with the reason recorded; a recipe that asks for unsloth is refused, naming its line."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(backends, "_unsloth_problem", lambda: "importing it failed (ImportError: no xformers)")
+    auto = backends.choose(load_recipe(recipe_with(tmp_path, "auto"), []))
+    assert (auto.name, auto.device) == ("hf", "cuda")
+    assert auto.reason == "auto on CUDA, but unsloth cannot run here: importing it failed (ImportError: no xformers)"
+    recipe = recipe_with(tmp_path, "unsloth")
+    with pytest.raises(RecipeError, match=rf"{recipe}:{line_of(recipe, 'backend')}: train.backend: unsloth cannot run"):
+        backends.choose(load_recipe(recipe, []))
+
+
+def test_cuda_with_unsloth_is_auto_s_pick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(backends, "_unsloth_problem", lambda: None)
+    chosen = backends.choose(load_recipe(recipe_with(tmp_path, "auto"), []))
+    assert (chosen.name, chosen.reason) == (backends.AUTO_ON_CUDA, "auto on CUDA")
+    assert backends.choose_for_plan("auto") == chosen.name
+

@@ -125,6 +125,17 @@ def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, i
     return path, soft, batch
 
 
+def longest_row(data: Path, model: Path, soft: int) -> int:
+    """Tokens of the point's longest row: its `max_seq_length`, for ft's recipe and plain unsloth alike (unsloth
+    sizes its memory reserve, and on a small GPU its offloading, by it)."""
+    from ft.data import load_rows
+    from ft.encode import length_of
+    from ft.models import load_processor
+
+    processor = load_processor(str(model), soft)
+    return max(length_of(row, processor) for row in load_rows(data))
+
+
 def child_env(work: Path) -> dict[str, str]:
     """Offline, and one compile cache for every unsloth process of the run (a later process reuses its kernels)."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_COMPILE_LOCATION": str(work / "unsloth_compiled_cache")}
@@ -144,7 +155,7 @@ def recipe_for(work: Path, path: str, point: str, model: Path, tiny: bool) -> Pa
     steps = MIXED_STEPS if point == "mixed4" else STEPS
     recipe = {
         "model": {"name": str(model)},
-        "data": {"train": str(data), "max_seq_length": 40000, "image_soft_tokens": soft},
+        "data": {"train": str(data), "max_seq_length": longest_row(data, model, soft), "image_soft_tokens": soft},
         "lora": {"r": 16, "alpha": 32},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "log_every": 1, "save_every": 1000,
                   "gradient_checkpointing": True, "memory_budget_gb": 80, **FT_PATHS[path]},
@@ -205,7 +216,7 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
 
     from ft.callbacks import StepClock
     from ft.data import load_rows
-    from ft.encode import collate_items, encoded_dataset, length_of
+    from ft.encode import collate_items, encoded_dataset
     from ft.memory import count_parameters, estimate
     from ft.models import load_config, load_processor
     from ft.recipe import LoraSection
@@ -214,9 +225,8 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
     processor = load_processor(str(model), 1120)
     loaded = {}
     for point in points:
-        data, _, batch = write_data(work, point, model, tiny=False)
-        rows = load_rows(data)
-        loaded[point] = (rows, batch, max(length_of(row, processor) for row in rows))
+        data, soft, batch = write_data(work, point, model, tiny=False)
+        loaded[point] = (load_rows(data), batch, longest_row(data, model, soft))
     fast = plain_model(kind, model, max(longest for _, _, longest in loaded.values()))
     counts = count_parameters(load_config(str(model)), LoraSection(r=16))
     results = {}

@@ -9,8 +9,9 @@ encoded, batched by ft's collator in trl's default (random) order: plain unsloth
 base, gradient checkpointing, trl's SFTTrainer). Per point: peak `torch.cuda.max_memory_reserved()`; tokens per
 second (non-pad tokens) over the steps after the first (the median step for a single row, all steps for the batch-4
 set), so compilation on a shape's first step is never in it; process start to the end of the first optimizer step
-(compilation included); and `ft plan`'s estimate. Results accumulate in --out, so a run cut off by a call's time
-limit keeps what it measured and the next call adds the rest.
+(compilation included); and `ft plan`'s estimate. Results accumulate in --out: a run stopped by a call's time limit
+(SIGTERM) keeps every point it measured, a plain process's finished points included, and the same command in the
+next call measures only the points still missing (`--remeasure` measures all again).
 
     python -m bench.train_12b --work /tmp/t12 --paths unsloth ft-unsloth ft-hf --points 2048 8192 mm   # GPU machine
     python -m bench.train_12b --work /tmp/t --shape tiny --paths ft-hf --points 2048 mm mixed4        # a CPU check
@@ -27,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -267,19 +269,22 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
         del trainer
 
 
-def run_plain(kind: str, work: Path, points: list[str], model: Path) -> dict[str, dict[str, Any]]:
+def run_plain(kind: str, work: Path, points: list[str], model: Path, results: dict[str, Any]) -> None:
+    """Runs the plain path's process and puts every point it measured into `results`, also when this bench is
+    stopped while the process runs (the process is then killed)."""
     out = work / f"{kind}.json"
     out.unlink(missing_ok=True)
     code = ("import sys; from pathlib import Path; from bench.train_12b import plain_run; "
             "plain_run(sys.argv[1], Path(sys.argv[2]), sys.argv[4:], Path(sys.argv[3]), "
             "Path(sys.argv[2]) / f'{sys.argv[1]}.json')")
-    result = subprocess.run([sys.executable, "-c", code, kind, str(work), str(model), *points], capture_output=True,
-                            text=True, cwd=ROOT, env=child_env(work))
-    measured = json.loads(out.read_text()) if out.is_file() else {}
+    try:
+        result = subprocess.run([sys.executable, "-c", code, kind, str(work), str(model), *points],
+                                capture_output=True, text=True, cwd=ROOT, env=child_env(work))
+    finally:
+        results.update(json.loads(out.read_text()) if out.is_file() else {})
     if result.returncode != 0:
         for point in points:
-            measured.setdefault(point, {"error": result.stderr[-3000:]})
-    return measured
+            results.setdefault(point, {"error": result.stderr[-3000:]})
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -305,23 +310,41 @@ def main() -> None:
     parser.add_argument("--shape", choices=["12b", "tiny"], default="12b")
     parser.add_argument("--points", nargs="+", choices=POINTS, default=list(POINTS))
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=["ft", "unsloth"])
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure points that --out already holds (default: only the missing or failed ones)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _stop)  # `timeout` stops a device call's bench: keep what it measured
     args.work.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results: dict[str, dict[str, Any]] = previous.get("results", {})
     args.commands = [*previous.get("commands", []), "python -m bench.train_12b " + " ".join(sys.argv[1:])]
     model = build_checkpoint(args.work, args.shape)
     tiny = args.shape == "tiny"
-    for path in args.paths:
-        if path in PLAIN_PATHS:
-            results.setdefault(path, {}).update(run_plain(path, args.work, args.points, model))
-            _write(args, results)
-            continue
-        for point in args.points:
-            results.setdefault(path, {})[point] = run_ft(args.work, path, point, model, tiny)
-            _write(args, results)
-            print(table(results), flush=True)
+    try:
+        for path in args.paths:
+            done = results.setdefault(path, {})
+            points = [p for p in args.points if args.remeasure or "error" in done.get(p, {"error": ""})]
+            if path in PLAIN_PATHS:
+                if points:
+                    run_plain(path, args.work, points, model, done)
+                continue
+            for point in points:
+                done[point] = run_ft(args.work, path, point, model, tiny)
+                _write(args, results)
+                print(table(results), flush=True)
+    except Stopped:
+        print("stopped: the points measured so far are in", args.out, flush=True)
+    finally:
+        _write(args, results)
     print(table(results), flush=True)
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (a time limit); subprocess.run kills the running child when it sees an exception."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped
 
 
 def _write(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:

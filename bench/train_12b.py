@@ -6,7 +6,8 @@ each ft (path, point) runs in a fresh process: `ft train` on a recipe (the user'
 QLoRA, trl). The plain paths run every point in one process of their own on the very token ids and labels ft
 encoded, batched by ft's collator in trl's default (random) order: plain unsloth (`FastModel`, 4-bit,
 `use_gradient_checkpointing="unsloth"`, trl's SFTTrainer as unsloth patches it) and plain transformers + peft (NF4
-base, gradient checkpointing, trl's SFTTrainer). Per point: peak `torch.cuda.max_memory_reserved()`; tokens per
+base, gradient checkpointing, trl's SFTTrainer). Per point: the first step's loss (the LoRA starts as a no-op, so for a single row every path should give the base
+model's loss on it, within 1%); peak `torch.cuda.max_memory_reserved()`; tokens per
 second (non-pad tokens) over the steps after the first (the median step for a single row, all steps for the batch-4
 set), so compilation on a shape's first step is never in it; process start to the end of the first optimizer step
 (compilation included); and `ft plan`'s estimate. Results accumulate in --out: a run stopped by a call's time limit
@@ -180,7 +181,9 @@ def run_ft(work: Path, path: str, point: str, model: Path, tiny: bool) -> dict[s
         return {"error": result.stderr[-3000:]}
     summary = json.loads((Path(run) / "summary.json").read_text())
     memory, clock = summary.get("memory", {}), summary["throughput"]
+    logged = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     return {"backend": summary["backend"], "backend_reason": summary["backend_reason"],
+            "first_loss": next(r["loss"] for r in logged if "loss" in r),
             "tokens_per_second": steady_rate(clock["step_seconds"], clock["step_tokens"], point != "mixed4"),
             "step_seconds": clock["step_seconds"], "step_tokens": clock["step_tokens"],
             "first_step_after_seconds": summary["first_step_after_seconds"],
@@ -259,6 +262,7 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
             continue
         seconds, tokens = [s for s, _ in clock.steps], [t for _, t in clock.steps]
         results[point] = {
+            "first_loss": next(r["loss"] for r in trainer.state.log_history if "loss" in r),
             "tokens_per_second": steady_rate(seconds, tokens, point != "mixed4"),
             "step_seconds": [round(s, 3) for s in seconds], "step_tokens": tokens,
             "first_step_after_seconds": round(clock.first_step_end - started, 1) if not results else None,
@@ -288,7 +292,7 @@ def run_plain(kind: str, work: Path, points: list[str], model: Path, results: di
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'point':8} {'path':11} {'peak GiB':>8} {'plan GiB':>8} {'tok/s':>8} {'1st step s':>10}"]
+    lines = [f"{'point':8} {'path':11} {'peak GiB':>8} {'plan GiB':>8} {'tok/s':>8} {'1st step s':>10} {'loss 1':>7}"]
     for point in POINTS:
         for path in PATHS:
             r = results.get(path, {}).get(point)
@@ -298,7 +302,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 lines.append(f"{point:8} {path:11} error: {r['error'].strip().splitlines()[-1][:80]}")
                 continue
             lines.append(f"{point:8} {path:11} {r.get('peak_reserved_gib') or 0:8.2f} {r.get('planned_gib') or 0:8.2f} "
-                         f"{r.get('tokens_per_second') or 0:8.0f} {r.get('first_step_after_seconds') or 0:10.0f}")
+                         f"{r.get('tokens_per_second') or 0:8.0f} {r.get('first_step_after_seconds') or 0:10.0f} "
+                         f"{r.get('first_loss') or 0:7.4f}")
     return "\n".join(lines)
 
 

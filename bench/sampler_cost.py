@@ -99,8 +99,8 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300)
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-sampler_cost.json")
+    today = datetime.date.today().isoformat()
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / f"{today}-sampler_cost.json")
     args = parser.parse_args()
     results = measure(args.rows, seed=0)
     payload = {"benchmark": "sampler_cost", "date": datetime.date.today().isoformat(),

@@ -1,17 +1,17 @@
 """Training benchmark at the exact Gemma 4 12B shape: `ft train` with each backend against plain unsloth and plain
 transformers + peft, on one GPU.
 
-A random checkpoint of the 12B shape (bench.shapes) and the bench's chat data are written once under --work; then
-each ft (path, point) runs in a fresh process: `ft train` on a recipe (the user's path: data checks, memory plan,
-QLoRA, trl). The plain paths run every point in one process of their own on the very token ids and labels ft
-encoded, batched by ft's collator in trl's default (random) order: plain unsloth (`FastModel`, 4-bit,
+A random checkpoint of the 12B shape (bench.shapes) and the bench's chat data are written once under --work; then each
+ft (path, point) runs in a fresh process: `ft train` on a recipe (the user's path: data checks, memory plan, QLoRA,
+trl). The plain paths run every point in one process of their own on the very token ids and labels ft encoded, batched
+by ft's collator in trl's default (random) order: plain unsloth (`FastModel`, 4-bit,
 `use_gradient_checkpointing="unsloth"`, trl's SFTTrainer as unsloth patches it) and plain transformers + peft (NF4
-base, gradient checkpointing, trl's SFTTrainer). Per point: the first step's loss (the LoRA starts as a no-op, so for a single row every path should give the base
-model's loss on it, within 1%); peak `torch.cuda.max_memory_reserved()`; tokens per
-second (non-pad tokens) over the steps after the first (the median step for a single row, all steps for the batch-4
-set), so compilation on a shape's first step is never in it; process start to the end of the first optimizer step
-(compilation included); and `ft plan`'s estimate. Results accumulate in --out: a run stopped by a call's time limit
-(SIGTERM) keeps every point it measured, a plain process's finished points included, and the same command in the
+base, gradient checkpointing, trl's SFTTrainer). Per point: the first step's loss (the LoRA starts as a no-op, so for
+a single row every path should give the base model's loss on it, within 1%); peak `torch.cuda.max_memory_reserved()`;
+tokens per second (non-pad tokens) over the steps after the first (the median step for a single row, all steps for the
+batch-4 set), so compilation on a shape's first step is never in it; process start to the end of the first optimizer
+step (compilation included); and `ft plan`'s estimate. Results accumulate in --out: a run stopped by a call's time
+limit (SIGTERM) keeps every point it measured, a plain process's finished points included, and the same command in the
 next call measures only the points still missing (`--remeasure` measures all again).
 
     python -m bench.train_12b --work /tmp/t12 --paths unsloth ft-unsloth ft-hf --points 2048 8192 mm   # GPU machine

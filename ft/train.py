@@ -257,7 +257,8 @@ def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None) 
         check_budget(recipe, plan, config)
     header = f"{backend.name} backend ({backend.reason}) on {device}"
     if plan is not None:
-        header += f", planned peak {plan.total_gib:.1f} GiB: " + ", ".join(f"{k} {v}" for k, v in plan.settings().items())
+        settings = ", ".join(f"{key} {value}" for key, value in plan.settings().items())
+        header += f", planned peak {plan.total_gib:.1f} GiB: {settings}"
     console.print(header, highlight=False)
     model = backend.load(recipe, plan)
     run = prepare_run_dir(recipe, last_checkpoint)

@@ -30,7 +30,7 @@ def load(recipe: Recipe, device: str, plan: MemoryPlan | None) -> PeftModel:
                 source, max_seq_length=recipe.data.max_seq_length, dtype=resolve_dtype(recipe.model.dtype, device),
                 load_in_4bit=resolve_quantization(recipe.model.quantization, device) == "nf4", full_finetuning=False,
                 use_gradient_checkpointing="unsloth",
-                use_exact_model_name=True,  # the recipe's checkpoint, never a pre-quantized mirror unsloth maps a hub id to
+                use_exact_model_name=True,  # the recipe's checkpoint, not a mirror unsloth maps a hub id to
             )
         pattern = target_regex(recipe.lora)
         wanted = sorted(name for name, module in model.named_modules()

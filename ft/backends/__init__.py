@@ -78,7 +78,7 @@ def _unsloth_problem() -> str | None:
     """Why unsloth cannot be used in this process (None: it imported)."""
     if importlib.util.find_spec("unsloth") is None:
         return "it is not installed (pip install -e . installs it)"
-    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # ft makes no network calls of its own at run time
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # its usage statistics would reach the network
     try:
         importlib.import_module("unsloth")
     except Exception as exc:  # unsloth raises NotImplementedError, ImportError or RuntimeError by platform

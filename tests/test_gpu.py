@@ -1,10 +1,10 @@
 """GPU-only checks, run where CUDA exists (the device tool's machine) and skipped with the reason elsewhere.
 
-A short LoRA run of the tiny model on the GPU gives the same loss curve as on the CPU: same recipe, same seed, fp32
-weights and no quantization on both (on CUDA `auto` would pick NF4), so that only the code that runs on CUDA alone
-differs: trl's fused LM head against ft's chunked loss, Liger's RMSNorm and GeGLU kernels, and, with gradient
-checkpointing, activation offloading (the demo's rows are shorter than one MLP tile; tests/test_long_rows.py checks
-tiles on the CPU).
+A short LoRA run of the tiny model on the GPU gives the same loss curve as on the CPU: same recipe, same seed, the hf
+backend (on CUDA `auto` would pick unsloth), fp32 weights and no quantization on both (on CUDA `auto` would pick NF4),
+so that only the code that runs on CUDA alone differs: trl's fused LM head against ft's chunked loss, Liger's RMSNorm
+and GeGLU kernels, and, with gradient checkpointing, activation offloading (the demo's rows are shorter than one MLP
+tile; tests/test_long_rows.py checks tiles on the CPU).
 
 The unsloth backend trains the tiny model as the hf backend does, and `auto` records what it picked.
 
@@ -38,8 +38,8 @@ def test_gpu_loss_curve_matches_cpu(tmp_path: Path, checkpointing: bool) -> None
     for device, env in (("cpu", {"CUDA_VISIBLE_DEVICES": ""}), ("cuda", {})):
         (tmp_path / device).mkdir()
         recipe = write_recipe(tmp_path / device / "r.yaml", model={"dtype": "float32", "quantization": "none"},
-                              train={"max_steps": 20, "log_every": 2, "eval_every": 10, "save_every": 20,
-                                     "gradient_checkpointing": checkpointing,
+                              train={"backend": "hf", "max_steps": 20, "log_every": 2, "eval_every": 10,
+                                     "save_every": 20, "gradient_checkpointing": checkpointing,
                                      "tiled_mlp": "on" if checkpointing else "off"})
         sections = yaml.safe_load(recipe.read_text())
         del sections["export"], sections["eval"]  # training alone

@@ -98,8 +98,12 @@ def media_row(text_tokens: int, processor: Any, folder: Path, image_px: int, aud
     return row
 
 
-def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, int, int]:
-    """The point's training file, its image_soft_tokens and batch size."""
+def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, int, int, int]:
+    """The point's training file, its image_soft_tokens, batch size and longest row in tokens (the point's
+    `max_seq_length`, for ft's recipe and plain unsloth alike: unsloth sizes its memory reserve, and on a small GPU
+    its offloading, by it)."""
+    from ft.data import load_rows
+    from ft.encode import length_of
     from ft.models import load_processor
 
     soft = 70 if tiny else 1120
@@ -125,18 +129,7 @@ def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, i
     data.mkdir(parents=True, exist_ok=True)
     path = data / f"{point}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path, soft, batch
-
-
-def longest_row(data: Path, model: Path, soft: int) -> int:
-    """Tokens of the point's longest row: its `max_seq_length`, for ft's recipe and plain unsloth alike (unsloth
-    sizes its memory reserve, and on a small GPU its offloading, by it)."""
-    from ft.data import load_rows
-    from ft.encode import length_of
-    from ft.models import load_processor
-
-    processor = load_processor(str(model), soft)
-    return max(length_of(row, processor) for row in load_rows(data))
+    return path, soft, batch, max(length_of(row, processor) for row in load_rows(path))
 
 
 def child_env(work: Path) -> dict[str, str]:
@@ -154,11 +147,11 @@ def steady_rate(seconds: list[float], tokens: list[int], single_row: bool) -> fl
 
 
 def recipe_for(work: Path, path: str, point: str, model: Path, tiny: bool) -> Path:
-    data, soft, batch = write_data(work, point, model, tiny)
+    data, soft, batch, longest = write_data(work, point, model, tiny)
     steps = MIXED_STEPS if point == "mixed4" else STEPS
     recipe = {
         "model": {"name": str(model)},
-        "data": {"train": str(data), "max_seq_length": longest_row(data, model, soft), "image_soft_tokens": soft},
+        "data": {"train": str(data), "max_seq_length": longest, "image_soft_tokens": soft},
         "lora": {"r": 16, "alpha": 32},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "log_every": 1, "save_every": 1000,
                   "gradient_checkpointing": True, "memory_budget_gb": 80, **FT_PATHS[path]},
@@ -173,6 +166,8 @@ def recipe_for(work: Path, path: str, point: str, model: Path, tiny: bool) -> Pa
 def run_ft(work: Path, path: str, point: str, model: Path, tiny: bool) -> dict[str, Any]:
     """One `ft train` in a fresh process; its summary.json carries the backend, the plan, the peak and the step
     clock."""
+    from ft.callbacks import read_metrics
+
     recipe = recipe_for(work, path, point, model, tiny)
     run = yaml.safe_load(recipe.read_text())["output"]["dir"]
     result = subprocess.run([sys.executable, "-m", "ft", "train", str(recipe)], capture_output=True, text=True,
@@ -181,7 +176,7 @@ def run_ft(work: Path, path: str, point: str, model: Path, tiny: bool) -> dict[s
         return {"error": result.stderr[-3000:]}
     summary = json.loads((Path(run) / "summary.json").read_text())
     memory, clock = summary.get("memory", {}), summary["throughput"]
-    logged = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(Path(run) / "metrics.jsonl")
     return {"backend": summary["backend"], "backend_reason": summary["backend_reason"],
             "first_loss": next(r["loss"] for r in logged if "loss" in r),
             "tokens_per_second": steady_rate(clock["step_seconds"], clock["step_tokens"], point != "mixed4"),
@@ -230,8 +225,8 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
     processor = load_processor(str(model), 1120)
     loaded = {}
     for point in points:
-        data, soft, batch = write_data(work, point, model, tiny=False)
-        loaded[point] = (load_rows(data), batch, longest_row(data, model, soft))
+        data, _, batch, longest = write_data(work, point, model, tiny=False)
+        loaded[point] = (load_rows(data), batch, longest)
     fast = plain_model(kind, model, max(longest for _, _, longest in loaded.values()))
     counts = count_parameters(load_config(str(model)), LoraSection(r=16))
     results = {}

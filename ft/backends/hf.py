@@ -35,4 +35,3 @@ def tiles_mlp(recipe: Recipe, plan: MemoryPlan | None) -> bool:
     if plan is not None:
         return plan.tiled_mlp
     return recipe.train.gradient_checkpointing and recipe.train.tiled_mlp == "on"
-

@@ -45,7 +45,9 @@ PLAIN_PATHS = ("unsloth", "transformers")
 PATHS = (*FT_PATHS, *PLAIN_PATHS)
 STEPS = 6  # unsloth compiles on a shape's first step and recompiles on its second (seen: 187, 9.0, 0.49 s); the
 # median of the 5 steps after the first is then a steady step
-MIXED_STEPS = 8  # the batch-4 set: enough steps to cover rows of every kind
+MIXED_ROWS = 48
+MIXED_STEPS = MIXED_ROWS // 4  # the batch-4 set: one epoch, so every path trains on the very same rows (and meets
+# each kind of batch, text-only or with image and audio, which compiled paths compile once each)
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "The quick brown fox jumps over the lazy dog while the river runs past the old house. "
 
@@ -109,18 +111,19 @@ def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, i
     soft = 70 if tiny else 1120
     processor = load_processor(str(model), soft)
     data = work / "data"
+    media = data / f"media-{point}"  # a point's own files: mixed4's seed-0 image must not replace mm's
     scale = 8 if tiny else 1  # the tiny check runs the same shapes of data at an eighth of the length
     if point == "mm":
-        rows = [media_row(2048 // scale, processor, data / "media", 1632 // scale, 60 / scale, 0)]
+        rows = [media_row(2048 // scale, processor, media, 1632 // scale, 60 / scale, 0)]
         batch = 1
     elif point == "mixed4":
         rng = np.random.default_rng(0)
         rows = []
-        for i in range(48):
+        for i in range(MIXED_ROWS):
             tokens = int(rng.integers(256, 4096)) // scale
             image_px = 896 // scale if i % 3 == 0 else 0
             audio_s = float(rng.integers(10, 30)) / scale if i % 4 == 0 else 0.0
-            rows.append(media_row(tokens, processor, data / "media", image_px, audio_s, i) if image_px or audio_s
+            rows.append(media_row(tokens, processor, media, image_px, audio_s, i) if image_px or audio_s
                         else text_row(tokens, processor))
         batch = 4
     else:
@@ -178,6 +181,7 @@ def run_ft(work: Path, path: str, point: str, model: Path, tiny: bool) -> dict[s
     memory, clock = summary.get("memory", {}), summary["throughput"]
     logged = read_metrics(Path(run) / "metrics.jsonl")
     return {"backend": summary["backend"], "backend_reason": summary["backend_reason"],
+            "lora_modules": summary["lora_modules"],
             "first_loss": next(r["loss"] for r in logged if "loss" in r),
             "tokens_per_second": steady_rate(clock["step_seconds"], clock["step_tokens"], point != "mixed4"),
             "step_seconds": clock["step_seconds"], "step_tokens": clock["step_tokens"],
@@ -217,6 +221,7 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
     from ft.callbacks import StepClock
     from ft.data import load_rows
     from ft.encode import collate_items, encoded_dataset
+    from ft.lora import lora_modules
     from ft.memory import count_parameters, estimate
     from ft.models import load_config, load_processor
     from ft.recipe import LoraSection
@@ -263,6 +268,7 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
             "first_step_after_seconds": round(clock.first_step_end - started, 1) if not results else None,
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "planned_gib": round(estimate(counts, batch * longest, kind, quantized=True).total_gib, 2),
+            "lora_modules": len(lora_modules(fast)),
         }
         out.write_text(json.dumps(results))
         del trainer

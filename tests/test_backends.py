@@ -58,10 +58,19 @@ def test_cuda_without_a_working_unsloth(tmp_path: Path, monkeypatch: pytest.Monk
         backends.choose(load_recipe(recipe, []))
 
 
-def test_cuda_with_unsloth_is_auto_s_pick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows, picked", [(backends.UNSLOTH_ROWS, "unsloth"), (backends.UNSLOTH_ROWS + 1, "hf")])
+def test_auto_on_cuda_picks_by_row_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int,
+                                          picked: str) -> None:
+    """unsloth up to UNSLOTH_ROWS tokens, ft's own path past it (without importing unsloth), the reason saying so;
+    `ft plan` estimates the same backend."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(backends, "_unsloth_problem", lambda: None)
-    chosen = backends.choose(load_recipe(recipe_with(tmp_path, "auto"), []))
-    assert (chosen.name, chosen.reason) == (backends.AUTO_ON_CUDA, "auto on CUDA")
-    assert backends.choose_for_plan("auto") == chosen.name
-
+    imports: list[str] = []  # unsloth imports in _unsloth_problem
+    monkeypatch.setattr(backends, "_unsloth_problem", lambda: imports.append("unsloth"))
+    recipe = write_recipe(tmp_path / "r.yaml", data={"max_seq_length": rows})
+    chosen = backends.choose(load_recipe(recipe, []))
+    assert imports == (["unsloth"] if picked == "unsloth" else [])
+    faster = "unsloth is the faster (up to" if picked == "unsloth" else "ft's own path is faster than unsloth (past"
+    assert chosen.name == picked
+    assert chosen.reason == f"auto on CUDA with rows up to {rows} tokens, where {faster} {backends.UNSLOTH_ROWS})"
+    assert backends.choose_for_plan("auto", rows) == picked
+    assert backends.choose_for_plan("unsloth", rows) == "unsloth"

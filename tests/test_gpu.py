@@ -6,7 +6,7 @@ so that only the code that runs on CUDA alone differs: trl's fused LM head again
 and GeGLU kernels, and, with gradient checkpointing, activation offloading (the demo's rows are shorter than one MLP
 tile; tests/test_long_rows.py checks tiles on the CPU).
 
-The unsloth backend trains the tiny model as the hf backend does, and `auto` records what it picked.
+The unsloth backend, which `auto` picks for the demo's short rows, trains the tiny model as the hf backend does.
 
 A 12B-shaped GGUF loads and decodes through eval in a fresh process that imported numpy, or torch with CUDA, first
 (set FT_GGUF_12B to one: `python -m bench.eval_speed --work /tmp/s12 --stage inputs`, then `--stage quantize`).
@@ -24,6 +24,8 @@ import pytest
 import torch
 import yaml
 from conftest import run_ft, write_recipe
+
+from ft.backends import UNSLOTH_ROWS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
@@ -53,13 +55,14 @@ def test_gpu_loss_curve_matches_cpu(tmp_path: Path, checkpointing: bool) -> None
 
 
 def test_unsloth_backend_trains_as_the_hf_backend_does(tmp_path: Path) -> None:
-    """The same recipe through both backends on the GPU (NF4 base, the demo's text, image and audio rows): the same
-    first-step loss within 1% (the LoRA starts as a no-op, so that is the base model's loss on the same batch), a
-    falling curve, and an adapter with the very tensor names, shapes and module list that `ft quantize` merges."""
+    """The same recipe through the hf backend and through auto, which picks unsloth for the demo's short rows and
+    says so (NF4 base, the demo's text, image and audio rows): the same first-step loss within 1% (the LoRA starts
+    as a no-op, so that is the base model's loss on the same batch), a falling curve, and an adapter with the very
+    tensor names, shapes and module list that `ft quantize` merges."""
     from safetensors import safe_open
 
-    runs = {}
-    for backend in ("hf", "unsloth"):
+    runs, reasons = {}, {}
+    for backend in ("hf", "auto"):
         (tmp_path / backend).mkdir()
         recipe = write_recipe(tmp_path / backend / "r.yaml", lora={"vision": True, "audio": True},
                               train={"backend": backend, "max_steps": 12, "log_every": 1, "eval_every": 12,
@@ -69,34 +72,26 @@ def test_unsloth_backend_trains_as_the_hf_backend_does(tmp_path: Path) -> None:
         recipe.write_text(yaml.safe_dump(sections))
         result = run_ft("train", str(recipe))
         assert result.returncode == 0, result.stderr[-4000:]
-        assert f"{backend} backend (the recipe asks for {backend}) on cuda" in result.stderr
         runs[backend] = tmp_path / backend / "run"
+        summary = json.loads((runs[backend] / "summary.json").read_text())
+        reasons[backend] = (summary["backend"], summary["backend_reason"])
+        assert f"{summary['backend']} backend ({summary['backend_reason']}) on cuda" in result.stderr
+        if backend == "auto":
+            assert summary["lora_modules"] == json.loads((runs["hf"] / "summary.json").read_text())["lora_modules"]
+    rows = yaml.safe_load(recipe.read_text())["data"]["max_seq_length"]
+    assert reasons == {"hf": ("hf", "the recipe asks for hf"),
+                       "auto": ("unsloth", f"auto on CUDA with rows up to {rows} tokens, where unsloth is the faster "
+                                           f"(up to {UNSLOTH_ROWS})")}
     curves = {backend: losses(run) for backend, run in runs.items()}
-    assert curves["unsloth"][0] == pytest.approx(curves["hf"][0], rel=1e-2), curves
-    assert curves["unsloth"][-1] < curves["unsloth"][0], curves
-    summaries = {b: json.loads((run / "summary.json").read_text()) for b, run in runs.items()}
-    assert summaries["unsloth"]["backend"] == "unsloth"
-    assert summaries["unsloth"]["lora_modules"] == summaries["hf"]["lora_modules"]
+    assert curves["auto"][0] == pytest.approx(curves["hf"][0], rel=1e-2), curves
+    assert curves["auto"][-1] < curves["auto"][0], curves
 
     def tensors(run: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(run / "adapter" / "adapter_model.safetensors", framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
-    assert tensors(runs["unsloth"]) == tensors(runs["hf"])
-    assert sorted(p.name for p in (runs["unsloth"] / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-6"]
-
-
-def test_auto_backend_on_cuda_says_what_it_picked(tmp_path: Path) -> None:
-    from ft.backends import AUTO_ON_CUDA
-
-    recipe = write_recipe(tmp_path / "r.yaml", train={"max_steps": 2, "eval_every": 2, "save_every": 2})
-    sections = yaml.safe_load(recipe.read_text())
-    del sections["export"], sections["eval"]
-    recipe.write_text(yaml.safe_dump(sections))
-    result = run_ft("train", str(recipe))
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (summary["backend"], summary["backend_reason"]) == (AUTO_ON_CUDA, "auto on CUDA")
+    assert tensors(runs["auto"]) == tensors(runs["hf"])
+    assert sorted(p.name for p in (runs["auto"] / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-6"]
 
 
 GGUF_12B = os.environ.get("FT_GGUF_12B", "")

@@ -19,12 +19,13 @@ from ft.tiny import build_tiny
 # gradient checkpointing, 4-bit base (issue #4's table, an H100; the unsloth ranges at 8192 and 16384 tokens add
 # two H200 runs: issue #12's and bench/train_12b.py's of 2026-12-02). The 2828-token step is one 896 px image at 280
 # soft tokens, 30 s of audio and text. The transformers run at 2048 tokens peaked between 22.5 and 24.3 GiB over its
-# steps. On an H200 on 2026-12-03 (bench/results/2026-12-03-h200-train_12b.json): plain unsloth at 2047 tokens 9.37,
-# and ft's unsloth backend 9.35 at 2047 and 10.49 on the 4640-token row of a 1120-soft-token image, 60 s of audio and
-# 2048 text tokens.
+# steps. On H200s on 2026-12-03: plain unsloth 9.37 at 2047 tokens, 11.81 at 8203, 15.45 at 16375 and 10.49 on the
+# 4640-token row of a 1120-soft-token image, 60 s of audio and 2048 text tokens
+# (bench/results/2026-12-03-h200-train_12b.json); ft's unsloth backend 9.35 at 2047 and 10.49 on that row
+# (bench/results/2026-12-03-h200-train_12b-call1-3.json).
 MEASURED = [
     ("unsloth", 1024, 9.2, 9.2), ("unsloth", 2048, 9.35, 9.5), ("unsloth", 4096, 10.3, 10.3),
-    ("unsloth", 8192, 11.89, 12.0), ("unsloth", 2828, 9.9, 9.9), ("unsloth", 16384, 15.33, 16.05),
+    ("unsloth", 8192, 11.81, 12.0), ("unsloth", 2828, 9.9, 9.9), ("unsloth", 16384, 15.33, 16.05),
     ("unsloth", 4640, 10.49, 10.49),
     ("transformers", 1024, 17.3, 17.3), ("transformers", 2048, 22.5, 24.3), ("transformers", 4096, 37.0, 37.0),
 ]

@@ -8,11 +8,13 @@ is the same for every backend (`ft.train`).
 - `hf`: transformers + peft + bitsandbytes with ft's own memory work (`ft.backends.hf`); runs anywhere.
 - `unsloth`: unsloth's FastModel, its kernels and offloaded checkpointing (`ft.backends.unsloth`); CUDA only.
 
-`train.backend: auto` is unsloth on CUDA where unsloth imports, hf elsewhere; the choice and its reason go into the
-progress header and summary.json, so a run never falls back silently.
+`train.backend: auto` is unsloth on CUDA where unsloth imports and the recipe's rows are at most `UNSLOTH_ROWS`
+tokens long, hf elsewhere: past that length ft's own path trains faster than unsloth, in less memory
+(docs/BENCHMARKS.md, "Training backends at the Gemma 4 12B shape"). The choice and its reason go into the progress
+header and summary.json, so a run never falls back silently.
 
-    >>> choose_for_plan("auto"), choose_for_plan("hf")
-    ('unsloth', 'hf')
+    >>> choose_for_plan("auto", 4096), choose_for_plan("auto", 8192), choose_for_plan("hf", 4096)
+    ('unsloth', 'hf', 'hf')
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ if TYPE_CHECKING:
     from ft.recipe import Recipe
 
 Name = Literal["hf", "unsloth"]
-AUTO_ON_CUDA: Name = "unsloth"
+# auto's longest rows for unsloth. Measured at batch 1 on H200s (bench/train_12b.py, docs/BENCHMARKS.md): unsloth's
+# step grows with the square of the row length (0.50 s at 2047 tokens, 3.58 s at 8203, 12.06 s at 16375), ft's hf
+# path carries about a second of fixed cost a step but grows more slowly (1.57, 2.65, 6.34 s); quadratic fits through
+# both cross near 5800 tokens, and at 6144 they differ by 3%.
+UNSLOTH_ROWS = 6144
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,12 @@ class Backend:
         return importlib.import_module(f"ft.backends.{self.name}").load(recipe, self.device, plan)
 
 
-def choose_for_plan(setting: str) -> Name:
-    """The backend a recipe's setting gives on a CUDA machine with unsloth installed: what `ft plan` estimates."""
-    return AUTO_ON_CUDA if setting == "auto" else setting  # type: ignore[return-value]
+def choose_for_plan(setting: str, max_seq_length: int) -> Name:
+    """The backend a recipe's setting and row length give on a CUDA machine with unsloth installed: what `ft plan`
+    estimates."""
+    if setting == "auto":
+        return "unsloth" if max_seq_length <= UNSLOTH_ROWS else "hf"
+    return setting  # type: ignore[return-value]
 
 
 def choose(recipe: Recipe) -> Backend:
@@ -66,9 +75,14 @@ def choose(recipe: Recipe) -> Backend:
             raise RecipeError(f"{recipe.where('train.backend')}: unsloth needs a CUDA GPU and this machine has none; "
                               "use hf (or auto, which picks hf here)")
         return Backend("hf", device, "auto on a machine without CUDA")
+    if choose_for_plan(setting, recipe.data.max_seq_length) == "hf":
+        return Backend("hf", device, f"auto on CUDA with rows up to {recipe.data.max_seq_length} tokens, where ft's own "
+                                     f"path is faster than unsloth (past {UNSLOTH_ROWS})")
     problem = _unsloth_problem()
     if problem is None:
-        return Backend("unsloth", device, "the recipe asks for unsloth" if setting == "unsloth" else "auto on CUDA")
+        return Backend("unsloth", device, "the recipe asks for unsloth" if setting == "unsloth" else
+                       f"auto on CUDA with rows up to {recipe.data.max_seq_length} tokens, where unsloth is the "
+                       f"faster (up to {UNSLOTH_ROWS})")
     if setting == "unsloth":
         raise RecipeError(f"{recipe.where('train.backend')}: unsloth cannot run here: {problem}; use hf (or auto)")
     return Backend("hf", device, f"auto on CUDA, but unsloth cannot run here: {problem}")

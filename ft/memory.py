@@ -175,11 +175,11 @@ def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool
 
 
 def plan_for(recipe: Recipe, config: object, tokens: int | None = None, backend: Backend | None = None) -> MemoryPlan:
-    """The estimate for a recipe's run on CUDA with `backend` (default: the one `train.backend` and the row length
+    """The estimate for a recipe's run on CUDA with `backend` (default: the one `train.backend` and the micro-batch
     give on a CUDA machine with unsloth installed); tokens defaults to the recipe's worst case (a batch of max-length
     rows). `train.tiled_mlp: auto` tiles only when the untiled step would not fit the budget."""
     t = recipe.train
-    backend = backend or choose_for_plan(t.backend, recipe.data.max_seq_length)
+    backend = backend or choose_for_plan(t.backend, recipe.data.max_seq_length, t.batch_size)
     tokens = tokens or t.batch_size * recipe.data.max_seq_length
     quantized = backend == "unsloth" or recipe.model.quantization in ("auto", "nf4")
     checkpointing = t.gradient_checkpointing or backend == "unsloth"

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from ft.backends import UNSLOTH_ROWS
+from ft.backends import UNSLOTH_STEP_TOKENS
 from ft.errors import FtError
 
 LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -90,8 +90,9 @@ class LoraSection(Section):
 class TrainSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="Who builds and trains the model: hf (transformers + peft + bitsandbytes with ft's "
-        "memory work; any device) or unsloth (CUDA only); auto is unsloth on CUDA where it imports and rows are at "
-        f"most {UNSLOTH_ROWS} tokens (data.max_seq_length), hf elsewhere (past that length hf is the faster)."
+        "memory work; any device) or unsloth (CUDA only); auto is unsloth on CUDA where it imports and a micro-batch "
+        f"(train.batch_size x data.max_seq_length) is at most {UNSLOTH_STEP_TOKENS} tokens, hf elsewhere (past that "
+        "hf is the faster)."
     )
     seed: int = Field(0, ge=0, description="Seeds weights of new LoRA layers, data order and dropout.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")

@@ -58,19 +58,23 @@ def test_cuda_without_a_working_unsloth(tmp_path: Path, monkeypatch: pytest.Monk
         backends.choose(load_recipe(recipe, []))
 
 
-@pytest.mark.parametrize("rows, picked", [(backends.UNSLOTH_ROWS, "unsloth"), (backends.UNSLOTH_ROWS + 1, "hf")])
-def test_auto_on_cuda_picks_by_row_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int,
-                                          picked: str) -> None:
-    """unsloth up to UNSLOTH_ROWS tokens, ft's own path past it (without importing unsloth), the reason saying so;
-    `ft plan` estimates the same backend."""
+@pytest.mark.parametrize("batch, rows, picked", [(1, backends.UNSLOTH_STEP_TOKENS, "unsloth"),
+                                                 (1, backends.UNSLOTH_STEP_TOKENS + 1, "hf"),
+                                                 (4, backends.UNSLOTH_STEP_TOKENS // 4, "unsloth"),
+                                                 (4, backends.UNSLOTH_STEP_TOKENS // 4 + 1, "hf")])
+def test_auto_on_cuda_picks_by_micro_batch_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int,
+                                                  rows: int, picked: str) -> None:
+    """unsloth for micro-batches up to UNSLOTH_STEP_TOKENS tokens, ft's own path past it (without importing
+    unsloth), the reason saying so; `ft plan` estimates the same backend."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     imports: list[str] = []  # unsloth imports in _unsloth_problem
     monkeypatch.setattr(backends, "_unsloth_problem", lambda: imports.append("unsloth"))
-    recipe = write_recipe(tmp_path / "r.yaml", data={"max_seq_length": rows})
+    recipe = write_recipe(tmp_path / "r.yaml", data={"max_seq_length": rows}, train={"batch_size": batch})
     chosen = backends.choose(load_recipe(recipe, []))
     assert imports == (["unsloth"] if picked == "unsloth" else [])
     faster = "unsloth is the faster (up to" if picked == "unsloth" else "ft's own path is faster than unsloth (past"
     assert chosen.name == picked
-    assert chosen.reason == f"auto on CUDA with rows up to {rows} tokens, where {faster} {backends.UNSLOTH_ROWS})"
-    assert backends.choose_for_plan("auto", rows) == picked
-    assert backends.choose_for_plan("unsloth", rows) == "unsloth"
+    assert chosen.reason == (f"auto on CUDA with micro-batches up to {batch * rows} tokens ({batch} x {rows}), where "
+                             f"{faster} {backends.UNSLOTH_STEP_TOKENS})")
+    assert backends.choose_for_plan("auto", rows, batch) == picked
+    assert backends.choose_for_plan("unsloth", rows, batch) == "unsloth"

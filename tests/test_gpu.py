@@ -6,7 +6,7 @@ so that only the code that runs on CUDA alone differs: trl's fused LM head again
 and GeGLU kernels, and, with gradient checkpointing, activation offloading (the demo's rows are shorter than one MLP
 tile; tests/test_long_rows.py checks tiles on the CPU).
 
-The unsloth backend, which `auto` picks for the demo's short rows, trains the tiny model as the hf backend does.
+The unsloth backend, which `auto` picks for the demo's small micro-batches (8 x 256 tokens), trains the tiny model as the hf backend does.
 
 A 12B-shaped GGUF loads and decodes through eval in a fresh process that imported numpy, or torch with CUDA, first
 (set FT_GGUF_12B to one: `python -m bench.eval_speed --work /tmp/s12 --stage inputs`, then `--stage quantize`).
@@ -25,7 +25,7 @@ import torch
 import yaml
 from conftest import run_ft, write_recipe
 
-from ft.backends import UNSLOTH_ROWS
+from ft.backends import UNSLOTH_STEP_TOKENS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
@@ -55,7 +55,7 @@ def test_gpu_loss_curve_matches_cpu(tmp_path: Path, checkpointing: bool) -> None
 
 
 def test_unsloth_backend_trains_as_the_hf_backend_does(tmp_path: Path) -> None:
-    """The same recipe through the hf backend and through auto, which picks unsloth for the demo's short rows and
+    """The same recipe through the hf backend and through auto, which picks unsloth for the demo's small batches and
     says so (NF4 base, the demo's text, image and audio rows): the same first-step loss within 1% (the LoRA starts
     as a no-op, so that is the base model's loss on the same batch), a falling curve, and an adapter with the very
     tensor names, shapes and module list that `ft quantize` merges."""
@@ -78,10 +78,11 @@ def test_unsloth_backend_trains_as_the_hf_backend_does(tmp_path: Path) -> None:
         assert f"{summary['backend']} backend ({summary['backend_reason']}) on cuda" in result.stderr
         if backend == "auto":
             assert summary["lora_modules"] == json.loads((runs["hf"] / "summary.json").read_text())["lora_modules"]
-    rows = yaml.safe_load(recipe.read_text())["data"]["max_seq_length"]
+    sections = yaml.safe_load(recipe.read_text())
+    rows, batch = sections["data"]["max_seq_length"], sections["train"]["batch_size"]
     assert reasons == {"hf": ("hf", "the recipe asks for hf"),
-                       "auto": ("unsloth", f"auto on CUDA with rows up to {rows} tokens, where unsloth is the faster "
-                                           f"(up to {UNSLOTH_ROWS})")}
+                       "auto": ("unsloth", f"auto on CUDA with micro-batches up to {batch * rows} tokens ({batch} x "
+                                           f"{rows}), where unsloth is the faster (up to {UNSLOTH_STEP_TOKENS})")}
     curves = {backend: losses(run) for backend, run in runs.items()}
     assert curves["auto"][0] == pytest.approx(curves["hf"][0], rel=1e-2), curves
     assert curves["auto"][-1] < curves["auto"][0], curves

@@ -8,12 +8,12 @@ is the same for every backend (`ft.train`).
 - `hf`: transformers + peft + bitsandbytes with ft's own memory work (`ft.backends.hf`); runs anywhere.
 - `unsloth`: unsloth's FastModel, its kernels and offloaded checkpointing (`ft.backends.unsloth`); CUDA only.
 
-`train.backend: auto` is unsloth on CUDA where unsloth imports and the recipe's rows are at most `UNSLOTH_ROWS`
-tokens long, hf elsewhere: past that length ft's own path trains faster than unsloth, in less memory
-(docs/BENCHMARKS.md, "Training backends at the Gemma 4 12B shape"). The choice and its reason go into the progress
-header and summary.json, so a run never falls back silently.
+`train.backend: auto` is unsloth on CUDA where unsloth imports and a micro-batch of the recipe's longest rows
+(`train.batch_size` x `data.max_seq_length`) is at most `UNSLOTH_STEP_TOKENS` tokens, hf elsewhere: past that ft's own
+path trains faster than unsloth (docs/BENCHMARKS.md, "Training backends at the Gemma 4 12B shape"). The choice and its
+reason go into the progress header and summary.json, so a run never falls back silently.
 
-    >>> choose_for_plan("auto", 4096), choose_for_plan("auto", 8192), choose_for_plan("hf", 4096)
+    >>> choose_for_plan("auto", 4096, 1), choose_for_plan("auto", 8192, 1), choose_for_plan("auto", 4096, 4)
     ('unsloth', 'hf', 'hf')
 """
 
@@ -34,11 +34,14 @@ if TYPE_CHECKING:
     from ft.recipe import Recipe
 
 Name = Literal["hf", "unsloth"]
-# auto's longest rows for unsloth. Measured at batch 1 on H200s (bench/train_12b.py, docs/BENCHMARKS.md): unsloth's
-# step grows with the square of the row length (0.50 s at 2047 tokens, 3.58 s at 8203, 12.06 s at 16375), ft's hf
-# path carries about a second of fixed cost a step but grows more slowly (1.57, 2.65, 6.34 s); quadratic fits through
-# both cross near 5800 tokens, and at 6144 they differ by 3%.
-UNSLOTH_ROWS = 6144
+# auto's largest micro-batch for unsloth, in tokens (batch_size x max_seq_length). Measured on H200s
+# (bench/train_12b.py, docs/BENCHMARKS.md). At batch 1 unsloth's step grows with the square of the row length (0.50 s
+# at 2047 tokens, 3.58 s at 8203, 12.06 s at 16375) and ft's hf path, with about a second of fixed cost a step, more
+# slowly (1.57, 2.65, 6.34 s): quadratic fits cross near 5800 tokens, and at 6144 they differ by 3%. At batch 4 of
+# mixed-length rows (up to about 5k tokens, 20k a step) hf ran 1.51x plain unsloth's tokens per second: each new
+# padded width makes unsloth compile again (steps of 161, 63 and 20 s among 5-12 s ones), and hf's fixed cost is
+# spread over more tokens. So the bound is on the step's tokens, not the row's.
+UNSLOTH_STEP_TOKENS = 6144
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,11 @@ class Backend:
         return importlib.import_module(f"ft.backends.{self.name}").load(recipe, self.device, plan)
 
 
-def choose_for_plan(setting: str, max_seq_length: int) -> Name:
-    """The backend a recipe's setting and row length give on a CUDA machine with unsloth installed: what `ft plan`
-    estimates."""
+def choose_for_plan(setting: str, max_seq_length: int, batch_size: int) -> Name:
+    """The backend a recipe's setting, row length and batch size give on a CUDA machine with unsloth installed: what
+    `ft plan` estimates."""
     if setting == "auto":
-        return "unsloth" if max_seq_length <= UNSLOTH_ROWS else "hf"
+        return "unsloth" if batch_size * max_seq_length <= UNSLOTH_STEP_TOKENS else "hf"
     return setting  # type: ignore[return-value]
 
 
@@ -75,14 +78,14 @@ def choose(recipe: Recipe) -> Backend:
             raise RecipeError(f"{recipe.where('train.backend')}: unsloth needs a CUDA GPU and this machine has none; "
                               "use hf (or auto, which picks hf here)")
         return Backend("hf", device, "auto on a machine without CUDA")
-    if choose_for_plan(setting, recipe.data.max_seq_length) == "hf":
-        return Backend("hf", device, f"auto on CUDA with rows up to {recipe.data.max_seq_length} tokens, where ft's own "
-                                     f"path is faster than unsloth (past {UNSLOTH_ROWS})")
+    rows, batch = recipe.data.max_seq_length, recipe.train.batch_size
+    step = f"auto on CUDA with micro-batches up to {batch * rows} tokens ({batch} x {rows})"
+    if choose_for_plan(setting, rows, batch) == "hf":
+        return Backend("hf", device, f"{step}, where ft's own path is faster than unsloth (past {UNSLOTH_STEP_TOKENS})")
     problem = _unsloth_problem()
     if problem is None:
         return Backend("unsloth", device, "the recipe asks for unsloth" if setting == "unsloth" else
-                       f"auto on CUDA with rows up to {recipe.data.max_seq_length} tokens, where unsloth is the "
-                       f"faster (up to {UNSLOTH_ROWS})")
+                       f"{step}, where unsloth is the faster (up to {UNSLOTH_STEP_TOKENS})")
     if setting == "unsloth":
         raise RecipeError(f"{recipe.where('train.backend')}: unsloth cannot run here: {problem}; use hf (or auto)")
     return Backend("hf", device, f"auto on CUDA, but unsloth cannot run here: {problem}")

@@ -6,7 +6,8 @@ so that only the code that runs on CUDA alone differs: trl's fused LM head again
 and GeGLU kernels, and, with gradient checkpointing, activation offloading (the demo's rows are shorter than one MLP
 tile; tests/test_long_rows.py checks tiles on the CPU).
 
-The unsloth backend, which `auto` picks for the demo's small micro-batches (8 x 256 tokens), trains the tiny model as the hf backend does.
+The unsloth backend, which `auto` picks for the demo's small micro-batches (8 x 256 tokens), trains the tiny model as
+the hf backend does.
 
 A 12B-shaped GGUF loads and decodes through eval in a fresh process that imported numpy, or torch with CUDA, first
 (set FT_GGUF_12B to one: `python -m bench.eval_speed --work /tmp/s12 --stage inputs`, then `--stage quantize`).

@@ -13,7 +13,8 @@ the GPU machine holds 64 GiB). Stage `measure`, per target, in this order:
    one-row kernels round differently), so plain decoding is also run in batches padded to the verify width, which
    MTP must match exactly, and each divergence's logit lead is reported.
 2. With `--llama-cpp BIN`: llama.cpp's own `llama-simple` and `llama-speculative-simple --spec-type draft-mtp`
-   (bench/llama_tools.py) on the same files and the first `--tool-prompts` prompts, beside ft's figures on those.
+   (bench/llama_tools.py) on the same files and the first `--tool-prompts` prompts, beside ft's figures on those;
+   the speculative program once per `--tool-variant` (its extra arguments, e.g. llama.cpp's backend sampling).
 3. The ceiling through both loops on the same files: the target is silenced in place and the echoing drafter
    proposes exactly what it will accept (bench/full_acceptance.py), then ft's loop and (with `--llama-cpp`)
    llama.cpp's decode with it, and plainly.
@@ -23,7 +24,8 @@ written after every row.
 
     python -m bench.eval_speed --work /tmp/s12 --stage inputs        # on the device machine, while llama.cpp builds
     python -m bench.eval_speed --work /tmp/s12 --stage quantize --targets Q8_0 Q6_K Q4_K_M
-    python -m bench.eval_speed --work /tmp/s12 --stage measure --targets Q4_K_M --llama-cpp /tmp/lcpp-bld/bin
+    python -m bench.eval_speed --work /tmp/s12 --stage measure --targets Q4_K_M --llama-cpp /tmp/lcpp-bld/bin \
+        --tool-variant='default=-fit off' --tool-variant='bs=-fit off -bs'
     python -m bench.eval_speed --work /tmp/x --shape tiny            # a quick check of the script itself (CPU)
 
 Writes bench/results/eval_speed.json (or --out) and prints a table.
@@ -36,6 +38,7 @@ import datetime
 import json
 import multiprocessing
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -142,9 +145,10 @@ def main() -> None:
                         "llama-speculative-simple, to measure its own decoding beside ft's")
     parser.add_argument("--tool-prompts", type=int, default=2,
                         help="prompts llama.cpp's programs decode (each run loads the model again)")
-    parser.add_argument("--tool-args", type=shlex.split, default=[],
-                        help="extra arguments for llama-speculative-simple, one string (--tool-args=--no-repack on a "
-                        "CPU with AMX)")
+    parser.add_argument("--tool-variant", dest="tool_variants", action="append", type=_variant,
+                        help="NAME=ARGS: run llama-speculative-simple once more per variant with these extra arguments "
+                        "(--tool-variant='bs=-fit off -bs'); repeat it to set variants beside each other in one run "
+                        "(default: one variant, 'default', with none)")
     parser.add_argument("--tool-draft", type=int, nargs="+",
                         help="the draft lengths llama.cpp's programs run at (default: every --draft)")
     parser.add_argument("--no-padded", dest="padded", action="store_false",
@@ -152,6 +156,7 @@ def main() -> None:
     parser.add_argument("--no-explain", dest="explain", action="store_false",
                         help="skip decoding differing prompts again to report each divergence's logit lead")
     args = parser.parse_args()
+    args.tool_variants = dict(args.tool_variants or [("default", ())])
     if args.stage in ("inputs", "all"):
         make_inputs(args.work, args.shape, args.prompts)
     if args.stage in ("quantize", "all"):
@@ -179,20 +184,25 @@ def measure(args: argparse.Namespace) -> None:
             rows.extend(target_rows)
             write_result(args, len(prompts), rows)  # after every step: a run cut off by a time limit resumes here
         tool_rows = [r for r in target_rows if r["draft_len"] in (args.tool_draft or args.draft)]
-        if args.llama_cpp and not silenced and any("llama_cpp" not in r for r in tool_rows):
+        if args.llama_cpp and not silenced:
             drafter = args.work / "drafter-BF16.gguf"
-            draft_lens = [r["draft_len"] for r in tool_rows]
-            for row, measured in zip(tool_rows, llama_cpp_figures(args, path, drafter, prompts, draft_lens,
-                                                                  "random drafter"), strict=True):
-                row["llama_cpp"] = measured
-            write_result(args, len(prompts), rows)
+            done = [r.setdefault("llama_cpp", {}) for r in tool_rows]
+            missing = [n for n in args.tool_variants if any(n not in d for d in done)]
+            if missing:
+                plain_speed = llama_cpp_plain(args, path, prompts)
+                for name in missing:
+                    for row, measured in zip(tool_rows, llama_cpp_figures(args, path, drafter, prompts, tool_rows,
+                                                                          name, plain_speed, "random drafter"),
+                                             strict=True):
+                        row["llama_cpp"][name] = measured
+                    write_result(args, len(prompts), rows)
         measure_echo(args, path, prompts, target_rows, tool_rows)
         write_result(args, len(prompts), rows)
 
 
 def measure_ft(args: argparse.Namespace, path: Path, target: str, prompts: list[dict]) -> list[dict]:
     """ft's loop on the random target: plain, MTP with the random drafter, padded plain, and the ceiling."""
-    from eval.mtp import decode_all, mismatches, mtp_summary, tokens_per_second
+    from eval.mtp import decode_all, divergence, mismatches, mtp_summary, tokens_per_second
 
     drafter = args.work / "drafter-BF16.gguf"
     ids = [p["tokens"] for p in prompts]
@@ -202,12 +212,16 @@ def measure_ft(args: argparse.Namespace, path: Path, target: str, prompts: list[
     for draft_len in args.draft:
         mtp = decode_all(path, ids, args.tokens, drafter, draft_len)
         padded = decode_all(path, ids, args.tokens, pad_to=draft_len + 1) if args.padded else None
-        ceiling = mtp_summary(plain, decode_all(path, ids, args.tokens, drafter, draft_len,
-                                                proposals=[d.tokens for d in plain]))
+        proposed = decode_all(path, ids, args.tokens, drafter, draft_len, proposals=[d.tokens for d in plain])
+        ceiling = mtp_summary(plain, proposed)
         row = {
             "target": target, "draft_len": draft_len, **mtp_summary(plain, mtp),
-            "ceiling": {k: ceiling[k] for k in ("mtp_tokens_per_second", "acceptance_rate", "mean_accepted",
-                                                "identical")},
+            # per prompt, the token where MTP's output first differs from plain decoding (None: identical); kept
+            # even without --explain, which decodes the differing prompts again to say why
+            "first_difference": [divergence(a, b) for a, b in zip(plain, mtp, strict=True)],
+            "ceiling": {**{k: ceiling[k] for k in ("mtp_tokens_per_second", "acceptance_rate", "mean_accepted",
+                                                   "identical")},
+                        "first_difference": [divergence(a, b) for a, b in zip(plain, proposed, strict=True)]},
             # With nothing accepted, MTP's target runs exactly the batches of plain decoding padded to the
             # verify width, so equality here shows the protocol is exact and any difference is batch rounding.
             "identical_to_padded_plain": None if padded is None
@@ -232,23 +246,37 @@ def measure_ft(args: argparse.Namespace, path: Path, target: str, prompts: list[
     return rows
 
 
-def llama_cpp_figures(args: argparse.Namespace, path: Path, drafter: Path, prompts: list[dict],
-                      draft_lens: list[int], label: str) -> list[dict[str, float]]:
-    """llama.cpp's own plain and MTP decoding of the first --tool-prompts prompts, one dict per draft length."""
-    from bench.llama_tools import plain, speculative
+def llama_cpp_plain(args: argparse.Namespace, path: Path, prompts: list[dict]) -> float:
+    """llama.cpp's own plain greedy decoding (`llama-simple`) of the first --tool-prompts prompts, in tok/s."""
+    from bench.llama_tools import plain
+
+    return _speed([plain(args.llama_cpp, path, p["text"], args.tokens) for p in prompts[: args.tool_prompts]])
+
+
+def llama_cpp_figures(args: argparse.Namespace, path: Path, drafter: Path, prompts: list[dict], rows: list[dict],
+                      variant: str, plain_speed: float, label: str) -> list[dict[str, Any]]:
+    """llama.cpp's own MTP decoding of the first --tool-prompts prompts with one --tool-variant's arguments, one dict
+    per row's draft length, beside `plain_speed`. A variant the program refuses or crashes on is recorded with its
+    error, so the variants beside it still run."""
+    from bench.llama_tools import speculative
 
     texts = [p["text"] for p in prompts[: args.tool_prompts]]
-    plain_speed = _speed([plain(args.llama_cpp, path, t, args.tokens) for t in texts])
-    figures = []
-    for draft_len in draft_lens:
-        runs = [speculative(args.llama_cpp, path, drafter, t, args.tokens, draft_len, tuple(args.tool_args))
-                for t in texts]
+    extra = args.tool_variants[variant]
+    figures: list[dict[str, Any]] = []
+    for row in rows:
+        try:
+            runs = [speculative(args.llama_cpp, path, drafter, t, args.tokens, row["draft_len"], extra)
+                    for t in texts]
+        except RuntimeError as error:
+            figures.append({"args": list(extra), "error": str(error)[-2000:]})
+            print(f"{path.stem:13s} draft {row['draft_len']}: {label}: llama.cpp {variant} failed: {error}", flush=True)
+            continue
         drafted, accepted = sum(r.drafted for r in runs), sum(r.accepted for r in runs)
-        figures.append({"prompts": len(texts), "plain_tokens_per_second": plain_speed,
+        figures.append({"args": list(extra), "prompts": len(texts), "plain_tokens_per_second": plain_speed,
                         "mtp_tokens_per_second": _speed(runs), "acceptance_rate": accepted / drafted})
-        print(f"{path.stem:13s} draft {draft_len}: {label}: llama.cpp plain {plain_speed:7.1f} tok/s  MTP "
-              f"{figures[-1]['mtp_tokens_per_second']:7.1f} tok/s  acceptance {figures[-1]['acceptance_rate']:.3f}",
-              flush=True)
+        print(f"{path.stem:13s} draft {row['draft_len']}: {label}: llama.cpp {variant} plain {plain_speed:7.1f} tok/s"
+              f"  MTP {figures[-1]['mtp_tokens_per_second']:7.1f} tok/s  acceptance "
+              f"{figures[-1]['acceptance_rate']:.3f}", flush=True)
     return figures
 
 
@@ -269,9 +297,23 @@ def measure_echo(args: argparse.Namespace, path: Path, prompts: list[dict], rows
               f" tok/s  MTP {summary['mtp_tokens_per_second']:7.1f} tok/s  acceptance {summary['acceptance_rate']:.3f}"
               f"  identical {summary['identical']}", flush=True)
     if args.llama_cpp:
-        figures = llama_cpp_figures(args, path, drafter, prompts, [r["draft_len"] for r in tool_rows], "echo pair")
-        for row, measured in zip(tool_rows, figures, strict=True):
-            row["echo"]["llama_cpp"] = measured
+        plain_speed = llama_cpp_plain(args, path, prompts)
+        for name in args.tool_variants:
+            figures = llama_cpp_figures(args, path, drafter, prompts, tool_rows, name, plain_speed, "echo pair")
+            for row, measured in zip(tool_rows, figures, strict=True):
+                row["echo"].setdefault("llama_cpp", {})[name] = measured
+
+
+def _variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """`NAME=ARGS` of --tool-variant, ARGS split as a shell would.
+
+    >>> _variant("bs=-fit off -bs")
+    ('bs', ('-fit', 'off', '-bs'))
+    """
+    name, sep, extra = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--tool-variant {text!r}: expected NAME=ARGS")
+    return name, tuple(shlex.split(extra))
 
 
 def _speed(runs: list) -> float:
@@ -289,7 +331,8 @@ def write_result(args: argparse.Namespace, n_prompts: int, rows: list[dict]) -> 
 
     result = {"benchmark": "eval_speed", "shape": args.shape, "date": datetime.date.today().isoformat(),
               "device": _device_name(), "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-              "prompts": n_prompts, "tokens": args.tokens, "llama_cpp_python": llama_cpp.__version__, "rows": rows}
+              "prompts": n_prompts, "tokens": args.tokens, "llama_cpp_python": llama_cpp.__version__,
+              "command": shlex.join(["python", "-m", "bench.eval_speed", *sys.argv[1:]]), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(result, indent=2) + "\n")
 

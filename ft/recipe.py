@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from ft.backends import UNSLOTH_STEP_TOKENS
 from ft.errors import FtError
+from ft.quant_types import NEEDS_IMATRIX, QUANT_TYPES
 
 LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMAGE_SOFT_TOKENS = (70, 140, 280, 560, 1120)
@@ -29,8 +30,6 @@ DEFAULT_QUANTS = ("Q8_0", "Q6_K", "Q4_K_M")
 
 def _quant_names(names: list[str]) -> list[str]:
     """Upper-case llama.cpp type names and reject unknown ones before any work starts."""
-    from quantize.types import QUANT_TYPES
-
     upper = [name.upper() for name in names]
     unknown = [name for name in upper if name not in QUANT_TYPES]
     if unknown:
@@ -186,8 +185,6 @@ class ExportSection(Section):
 
     @model_validator(mode="after")
     def _imatrix_available(self) -> ExportSection:
-        from quantize.types import NEEDS_IMATRIX
-
         needing = [q for q in self.quants if q in NEEDS_IMATRIX]
         if self.imatrix == "off" and needing:
             raise ValueError(f"{', '.join(needing)} need an importance matrix, but export.imatrix is off")

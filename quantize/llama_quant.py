@@ -33,8 +33,8 @@ from gguf import GGMLQuantizationType
 
 from ft.atomic import staged_file
 from ft.errors import FtError
+from ft.quant_types import NEEDS_IMATRIX, QUANT_TYPES
 from quantize.llama_lib import llama_cpp
-from quantize.types import NEEDS_IMATRIX, QUANT_TYPES
 
 log = logging.getLogger(__name__)
 

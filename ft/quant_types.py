@@ -1,4 +1,5 @@
-"""llama.cpp's quantization type names, in a module light enough for the recipe schema to import.
+"""llama.cpp's quantization type names: the recipe schema checks a recipe's quants against them before any work
+starts, and quantize/ hands them to llama.cpp. They live in ft/ because ft/ never imports quantize/.
 
     >>> QUANT_TYPES["Q4_K_M"], "IQ2_XXS" in NEEDS_IMATRIX
     (15, True)

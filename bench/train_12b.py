@@ -249,7 +249,10 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
             model=fast, train_dataset=encoded_dataset(rows, processor), processing_class=processor.tokenizer,
             callbacks=[clock],
             data_collator=lambda items: collate_items(items, pad_token_id=processor.tokenizer.pad_token_id),
+            # gradient_accumulation_steps given, as ft's recipes give it: unsloth's patched SFTConfig defaults to 2,
+            # which made the 2026-12-03 mixed-set run take 8 rows a step (and go through the set twice)
             args=SFTConfig(output_dir=str(work / kind), per_device_train_batch_size=batch, seed=0,
+                           gradient_accumulation_steps=1,
                            learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[], bf16=True,
                            dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, optim="adamw_torch",
                            remove_unused_columns=False, max_steps=MIXED_STEPS if point == "mixed4" else STEPS),

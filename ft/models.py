@@ -11,11 +11,14 @@ Nothing here reaches the network unless the user's machine is online and not in 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -34,6 +37,7 @@ from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny, save_tiny, tiny_config,
 
 MODEL_TYPE = "gemma4_unified"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PROBE_SECONDS = 5.0  # a reachable endpoint answers a TCP connect in well under a second
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,13 +86,34 @@ def locate(name: str) -> str:
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         return name
+    cache = hub_constants.HF_HUB_CACHE
+    where = f"model '{name}' is not a local directory and is not in the Hugging Face cache ({cache})"
+    fix = (f"Download it on a connected machine (`hf download {name}`) or point model.name at a local checkpoint "
+           "directory.")
     if offline():
-        raise ModelError(
-            f"model '{name}' is not a local directory and is not in the Hugging Face cache "
-            f"({hub_constants.HF_HUB_CACHE}); offline mode is on (HF_HUB_OFFLINE=1). Download it on a connected "
-            f"machine (`hf download {name}`) or point model.name at a local checkpoint directory."
-        )
+        raise ModelError(f"{where}; offline mode is on (HF_HUB_OFFLINE=1). {fix}")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ModelError(f"{where}, and the hub cannot be reached: {unreachable}. {fix}")
     return name
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face endpoint cannot be reached, found within `timeout` seconds, or None.
+
+    Without it a machine with no network waits out huggingface_hub's retries (about 30 s) before transformers says
+    so. Behind a proxy only the proxy can reach the hub, so a direct connection proves nothing and none is tried.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None
+    url = urlsplit(hub_constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"no connection to {url.hostname}:{port} ({exc})"
+    return None
 
 
 def load_processor(name: str, image_soft_tokens: int = 280) -> ProcessorMixin:

@@ -47,9 +47,11 @@ def ft_env() -> dict[str, str]:
     return env
 
 
-def run_ft(*args: str, cwd: Path, timeout: int = 300) -> Result:
+def run_ft(*args: str, cwd: Path, timeout: int = 300, env: tuple[tuple[str, str], ...] = ()) -> Result:
+    full = ft_env() | dict(env)
+    full = {k: v for k, v in full.items() if v}
     return subprocess.run(
-        [sys.executable, "-m", "ft", *args], capture_output=True, text=True, env=ft_env(), cwd=cwd, timeout=timeout
+        [sys.executable, "-m", "ft", *args], capture_output=True, text=True, env=full, cwd=cwd, timeout=timeout
     )
 
 
@@ -257,6 +259,7 @@ class SlowCase:
     setup: Callable[[Path], list[list[str]]]  # writes files into its folder; returns the ft command lines to run
     needles: tuple[str, ...] = ()
     any_of: tuple[tuple[str, ...], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # on top of ft_env(); an empty value removes the variable
 
 
 def recipe_with(folder: Path, text: str, command: str = "validate") -> list[list[str]]:
@@ -329,6 +332,14 @@ SLOW_CASES = [
     SlowCase("uncached-hub-id-offline", _model("someorg/some-model-that-is-not-cached"),
              ("'someorg/some-model-that-is-not-cached'", "not in the Hugging Face cache", "HF_HUB_OFFLINE=1"),
              (MODEL_PLACE,)),
+    # online, but nothing answers at the endpoint (a .invalid name never resolves): ft says so at once instead of
+    # waiting out huggingface_hub's retries (transformers' own message would say "couldn't connect")
+    SlowCase("uncached-hub-id-hub-unreachable", _model("someorg/some-model-that-is-not-cached"),
+             ("'someorg/some-model-that-is-not-cached'", "not in the Hugging Face cache", "hub cannot be reached",
+              "hub.ft-test.invalid:443"), (MODEL_PLACE,),
+             env=(("HF_HUB_OFFLINE", "0"), ("HF_ENDPOINT", "https://hub.ft-test.invalid"),
+                  *((v, "") for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                      "all_proxy")))),
     SlowCase("model-config-not-json", _model("{folder}/model", config="{oops"), ("config.json",),
              (MODEL_PLACE, ("not valid JSON", "cannot read", "invalid"))),
     SlowCase("model-dir-without-processor-files", _model("{folder}/model", config='{"model_type": "gemma4_unified"}'),
@@ -483,7 +494,7 @@ class Jobs:
 
     @staticmethod
     def _run(case: SlowCase, folder: Path) -> list[Result]:
-        return [run_ft(*command, cwd=folder) for command in case.setup(folder)]
+        return [run_ft(*command, cwd=folder, env=case.env) for command in case.setup(folder)]
 
     def results(self, case: SlowCase) -> list[Result]:
         self.start(case)

@@ -57,7 +57,8 @@ def divergence(work: Path, queue: Any) -> None:
     ref, targets = reference_pass(work / "model-F32.gguf", tokens, settings, work / "reference.f32")
     summary = divergence_of(work / "model-Q8_0.gguf", tokens, settings, ref, targets)
     queue.put({"seconds": time.perf_counter() - started, "tokens_scored": summary["tokens"],
-               "kld_mean": summary["kld_mean"], "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+               "kld_mean": summary["kld_mean"],
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
 
 
 def main() -> None:

@@ -56,7 +56,8 @@ def drafter_config_12b() -> Gemma4UnifiedAssistantConfig:
 
 def _disk_name(name: str) -> str:
     for memory, disk in (("model.embed_vision.multimodal_embedder.embedding_projection.",
-                          "model.embed_vision.embedding_projection."), ("model.embed_vision.", "model.vision_embedder.")):
+                          "model.embed_vision.embedding_projection."),
+                         ("model.embed_vision.", "model.vision_embedder.")):
         if name.startswith(memory):
             return disk + name[len(memory) :]
     return name

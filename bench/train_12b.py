@@ -315,7 +315,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-train_12b.json")
+                        default=(Path(__file__).parent / "results"
+                                 / f"{datetime.date.today().isoformat()}-train_12b.json"))
     parser.add_argument("--shape", choices=["12b", "tiny"], default="12b")
     parser.add_argument("--points", nargs="+", choices=POINTS, default=list(POINTS))
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=["ft", "unsloth"])

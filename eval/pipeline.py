@@ -87,7 +87,9 @@ class LogprobStore:
             return np.fromfile(f, dtype=np.uint16, count=count * (HEADER + self.vocab)).reshape(count, -1)
 
 
-def reference_pass(reference: Path, tokens: list[int], settings: EvalSection, store: Path) -> tuple[LogprobStore, np.ndarray]:
+def reference_pass(
+    reference: Path, tokens: list[int], settings: EvalSection, store: Path
+) -> tuple[LogprobStore, np.ndarray]:
     """Reference log-probabilities of every scored position, streamed to disk; and the tokens they predict."""
     store.unlink(missing_ok=True)
     targets = []
@@ -224,7 +226,9 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
     reference = folder / f"{run.name}-{export.reference}.gguf"
     drafters = [f for f in manifest.files.values() if f["kind"] == "MTP drafter"]
     drafter = folder / drafters[0]["file"] if drafters and settings.speed else None
-    rows = [(f"{export.reference} (reference)", reference)] + [(q, folder / f"{run.name}-{q}.gguf") for q in settings.quants]
+    rows = [(f"{export.reference} (reference)", reference)] + [
+        (q, folder / f"{run.name}-{q}.gguf") for q in settings.quants
+    ]
     inputs = evaluation_inputs(recipe, manifest, [*(path for _, path in rows), *([drafter] if drafter else [])])
     saved = None if remeasure else saved_results(out, inputs)
     if saved is not None:

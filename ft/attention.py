@@ -97,7 +97,9 @@ def chunked_mask(
     for q_start in range(0, q_length, chunk):
         q_end = min(q_start + chunk, q_length)
         queries = torch.arange(q_offset + q_start, q_offset + q_end, device=device)[None, :, None]
-        allowed = torch.broadcast_to(mask_function(batch, head, queries, keys), (batch_size, q_end - q_start, kv_length))
+        allowed = torch.broadcast_to(
+            mask_function(batch, head, queries, keys), (batch_size, q_end - q_start, kv_length)
+        )
         causal = causal and bool(torch.equal(allowed, torch.broadcast_to(keys <= queries, allowed.shape)))
         seen = allowed.any(dim=1).any(dim=0).nonzero()
         k_start, k_end = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, 1)

@@ -30,7 +30,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune Ge
 err = Console(stderr=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides such as train.lr=1e-4.", show_default=False)]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Recipe overrides such as train.lr=1e-4.", show_default=False)
+]
 
 
 def _fail(exc: FtError) -> None:

@@ -166,10 +166,13 @@ class ExportSection(Section):
     imatrix: Literal["auto", "on", "off"] = Field(
         "auto", description="Importance matrix: auto computes it when a listed type needs one (IQ2_*, IQ3_XXS, ...)."
     )
-    calibration: Path | None = Field(None, description="Calibration data for the importance matrix (default data.train).")
+    calibration: Path | None = Field(
+        None, description="Calibration data for the importance matrix (default data.train)."
+    )
     calibration_rows: int = Field(128, ge=1, description="Rows of calibration data used for the importance matrix.")
     tensor_types: dict[str, str] = Field(
-        default_factory=dict, description="Per-tensor type overrides, GGUF tensor name (regex) -> type, e.g. token_embd.weight: Q8_0."
+        default_factory=dict,
+        description="Per-tensor type overrides, GGUF tensor name (regex) -> type, e.g. token_embd.weight: Q8_0.",
     )
     dir: Path | None = Field(None, description="Export folder (default: output.dir/gguf).")
 

@@ -2,7 +2,8 @@
 
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.yaml"
-    >>> _ = p.write_text("model: {name: tiny-random:gemma4-unified}\\ndata: {train: t.jsonl}\\noutput: {dir: runs/x}\\n")
+    >>> _ = p.write_text(
+    ...     "model: {name: tiny-random:gemma4-unified}\\ndata: {train: t.jsonl}\\noutput: {dir: runs/x}\\n")
     >>> load_recipe(p, ["train.lr=1e-4"]).train.lr
     0.0001
 """
@@ -83,7 +84,9 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[Loc, int], ove
     out = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        by_override = [o for path, o in overridden.items() if loc and (path[: len(loc)] == loc or loc[: len(path)] == path)]
+        by_override = [
+            o for path, o in overridden.items() if loc and (path[: len(loc)] == loc or loc[: len(path)] == path)
+        ]
         while loc and loc not in lines:
             loc = loc[:-1]
         where = by_override[0] if by_override else f"{source}:{lines.get(loc, 1)}"

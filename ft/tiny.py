@@ -156,7 +156,9 @@ def temper_attention(model: Gemma4UnifiedForConditionalGeneration) -> None:
             weight.fill_(weight.numel() ** -0.5)
 
 
-def build_tiny(name: str = "gemma4-unified", seed: int = 0) -> tuple[Gemma4UnifiedForConditionalGeneration, Gemma4UnifiedProcessor]:
+def build_tiny(
+    name: str = "gemma4-unified", seed: int = 0
+) -> tuple[Gemma4UnifiedForConditionalGeneration, Gemma4UnifiedProcessor]:
     """Build the tiny model and its processor; the same seed gives bit-identical weights."""
     if name not in TINY_NAMES:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_NAMES)}")

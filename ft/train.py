@@ -167,7 +167,9 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: Memory
     hf = backend.name == "hf"
     mode = wandb_mode(recipe.logging.wandb)
     if mode != "disabled":
-        os.environ.update(WANDB_MODE=mode, WANDB_DIR=str(run), WANDB_PROJECT=recipe.logging.project, WANDB_SILENT="true")
+        os.environ.update(
+            WANDB_MODE=mode, WANDB_DIR=str(run), WANDB_PROJECT=recipe.logging.project, WANDB_SILENT="true"
+        )
     return SFTConfig(
         output_dir=str(run / "checkpoints"),
         run_name=recipe.logging.run_name or run.name,

@@ -74,7 +74,9 @@ def _stream_shard(source: Path, target: Path, update: Callable[[str, torch.Tenso
         for key in keys:
             piece = f.get_slice(key)
             size = math.prod(piece.get_shape()) * _ITEMSIZE[piece.get_dtype()]
-            header[key] = {"dtype": piece.get_dtype(), "shape": piece.get_shape(), "data_offsets": [offset, offset + size]}
+            header[key] = {
+                "dtype": piece.get_dtype(), "shape": piece.get_shape(), "data_offsets": [offset, offset + size]
+            }
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the format aligns tensor data to 8 bytes

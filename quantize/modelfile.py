@@ -55,7 +55,9 @@ def modelfile(model: str, projector: str | None, drafter: str | None, sampling: 
     return "\n".join(lines) + "\n"
 
 
-def export_readme(name: str, model: str, projector: str | None, drafter: str | None, files: list[dict[str, Any]]) -> str:
+def export_readme(
+    name: str, model: str, projector: str | None, drafter: str | None, files: list[dict[str, Any]]
+) -> str:
     """README.md of the export folder: how to run the files in Ollama and llama.cpp, and what each file is."""
     table = "\n".join(
         f"| `{f['file']}` | {f['kind']} | {f['size'] / 2**20:.1f} MiB | {f.get('bits_per_weight', '')} |" for f in files

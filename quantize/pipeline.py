@@ -165,7 +165,9 @@ def importance_matrix(job: Export, merged: Path, merged_inputs: str, recipe: Rec
     from quantize.imatrix import collect_imatrix, write_imatrix_gguf
 
     data = export.calibration or recipe.data.train
-    inputs = fingerprint("imatrix", merged_inputs, sha256(data) if data.is_file() else str(data), export.calibration_rows)
+    inputs = fingerprint(
+        "imatrix", merged_inputs, sha256(data) if data.is_file() else str(data), export.calibration_rows
+    )
 
     def build(path: Path) -> None:
         model = Gemma4UnifiedForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()

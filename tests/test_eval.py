@@ -158,8 +158,10 @@ def independent_metrics(ref: np.ndarray, q: np.ndarray, targets: np.ndarray,
     return {
         "tokens": len(targets), "kld_mean": kld.mean(), "kld_mean_error": stats.sem(kld),
         "kld_median": np.median(kld), "kld_p99": np.percentile(kld, 99), "kld_p999": np.percentile(kld, 99.9),
-        "kld_max": kld.max(), "top1_agreement": same, "top1_agreement_error": math.sqrt(same * (1 - same) / (len(kld) - 1)),
-        "ppl": math.exp(nll.mean()), "ppl_ref": math.exp(nll_ref.mean()), "ppl_ratio": math.exp(nll.mean() - nll_ref.mean()),
+        "kld_max": kld.max(), "top1_agreement": same,
+        "top1_agreement_error": math.sqrt(same * (1 - same) / (len(kld) - 1)),
+        "ppl": math.exp(nll.mean()), "ppl_ref": math.exp(nll_ref.mean()),
+        "ppl_ratio": math.exp(nll.mean() - nll_ref.mean()),
         "dp_mean": dp.mean(), "dp_rms": math.sqrt((dp**2).mean()),
     }
 
@@ -223,7 +225,9 @@ def test_batched_windows_give_one_window_logits(demo_run: Path, processor) -> No
     flash attention, which llama.cpp's default picks for Scorer's contexts as for llama-perplexity's)."""
     settings = EvalSection(context=64, max_tokens=384, threads=1)
     path = gguf_file(demo_run, "Q4_K_M")
-    tokens = evaluation_tokens(settings, load_recipe(demo_run / "recipe.yaml"), processor, load(path, 64, vocab_only=True))
+    tokens = evaluation_tokens(
+        settings, load_recipe(demo_run / "recipe.yaml"), processor, load(path, 64, vocab_only=True)
+    )
     with Scorer(path, 64, threads=1, n_seq=4) as batched, Scorer(path, 64, threads=1, n_seq=1) as alone:
         assert batched.n_seq == 4
         windows = list(chunks(tokens, 64, batched.bos))
@@ -438,7 +442,8 @@ def test_mtp_output_identical_to_plain(target: str, demo_run: Path, processor) -
     batches of the verify step's shape exactly, which shows the protocol itself is exact."""
     tokenizer, n_new, draft_len = processor.tokenizer, 24, 3
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                                                       add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
                for q in QUESTIONS]
     assert len({tuple(p) for p in prompts}) == 20
     path, drafter = gguf_file(demo_run, target), gguf_file(demo_run, "drafter-F32")
@@ -498,7 +503,8 @@ def test_mtp_ceiling_accepts_every_proposal_and_verifies_them(draft_len: int, de
     the proposals, decides the output."""
     tokenizer, n_new = processor.tokenizer, 24
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                                                       add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
                for q in QUESTIONS[:4]]
     path, drafter = gguf_file(demo_run, "Q8_0"), gguf_file(demo_run, "drafter-F32")
     plain = decode_all(path, prompts, n_new, threads=1)

@@ -101,8 +101,9 @@ def test_chunk_masks_tile_the_dense_mask() -> None:
     assert not chunked.causal
     assert max(c.k_end - c.k_start for c in chunked.chunks) < length  # a chunk sees a span, not every key
     plain = attention.chunked_mask(batch_size=1, q_length=length, kv_length=length,
-                                   mask_function=and_masks(padding_mask_function(torch.ones(1, length, dtype=torch.bool)),
-                                                           lambda b, h, q, k: k <= q))
+                                   mask_function=and_masks(
+                                       padding_mask_function(torch.ones(1, length, dtype=torch.bool)),
+                                       lambda b, h, q, k: k <= q))
     assert plain.causal
 
 

@@ -79,8 +79,9 @@ def test_estimate_matches_ft_h200_measurements(counts_12b, tokens: int, tiled: b
 
 def test_plan_refuses_a_recipe_over_budget(tmp_path: Path, config_dir_12b: Path) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", model={"name": str(config_dir_12b)},
-                          data={"max_seq_length": 16384}, train={"backend": "unsloth", "memory_budget_gb": 15, "batch_size": 1,
-                                                                 "gradient_checkpointing": True})
+                          data={"max_seq_length": 16384},
+                          train={"backend": "unsloth", "memory_budget_gb": 15, "batch_size": 1,
+                                 "gradient_checkpointing": True})
     result = run_ft("plan", str(recipe))
     assert result.returncode == 2, result.stderr
     line = next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if "memory_budget_gb" in text)

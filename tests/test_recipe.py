@@ -26,7 +26,9 @@ def test_shipped_recipes_validate_and_open_with_a_run_comment(path: Path):
 
 
 def test_overrides_parse_yaml_values_and_nest():
-    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ["train.lr=1e-4", "lora.targets=[q_proj]", "lora.vision=false"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "demo.yaml", ["train.lr=1e-4", "lora.targets=[q_proj]", "lora.vision=false"]
+    )
     assert recipe.train.lr == 1e-4 and recipe.lora.targets == ["q_proj"] and recipe.lora.vision is False
 
 

@@ -40,6 +40,7 @@ import multiprocessing
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,16 +187,12 @@ def measure(args: argparse.Namespace) -> None:
         tool_rows = [r for r in target_rows if r["draft_len"] in (args.tool_draft or args.draft)]
         if args.llama_cpp and not silenced:
             drafter = args.work / "drafter-BF16.gguf"
-            done = [r.setdefault("llama_cpp", {}) for r in tool_rows]
-            missing = [n for n in args.tool_variants if any(n not in d for d in done)]
-            if missing:
-                plain_speed = llama_cpp_plain(args, path, prompts)
-                for name in missing:
-                    for row, measured in zip(tool_rows, llama_cpp_figures(args, path, drafter, prompts, tool_rows,
-                                                                          name, plain_speed, "random drafter"),
-                                             strict=True):
-                        row["llama_cpp"][name] = measured
-                    write_result(args, len(prompts), rows)
+            missing = [n for n in args.tool_variants if any(n not in r.get("llama_cpp", {}) for r in tool_rows)]
+            for name, figures in llama_cpp_variants(args, path, drafter, prompts, tool_rows, missing,
+                                                    "random drafter"):
+                for row, measured in zip(tool_rows, figures, strict=True):
+                    row.setdefault("llama_cpp", {})[name] = measured
+                write_result(args, len(prompts), rows)
         measure_echo(args, path, prompts, target_rows, tool_rows)
         write_result(args, len(prompts), rows)
 
@@ -246,11 +243,18 @@ def measure_ft(args: argparse.Namespace, path: Path, target: str, prompts: list[
     return rows
 
 
-def llama_cpp_plain(args: argparse.Namespace, path: Path, prompts: list[dict]) -> float:
-    """llama.cpp's own plain greedy decoding (`llama-simple`) of the first --tool-prompts prompts, in tok/s."""
+def llama_cpp_variants(args: argparse.Namespace, path: Path, drafter: Path, prompts: list[dict], rows: list[dict],
+                       names: list[str], label: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Each named --tool-variant's figures (`llama_cpp_figures`) in turn, beside llama.cpp's own plain greedy decoding
+    (`llama-simple`) of the same prompts, which is run once, before the first variant (and not at all for none)."""
     from bench.llama_tools import plain
 
-    return _speed([plain(args.llama_cpp, path, p["text"], args.tokens) for p in prompts[: args.tool_prompts]])
+    if not names:
+        return
+    texts = [p["text"] for p in prompts[: args.tool_prompts]]
+    plain_speed = _speed([plain(args.llama_cpp, path, t, args.tokens) for t in texts])
+    for name in names:
+        yield name, llama_cpp_figures(args, path, drafter, prompts, rows, name, plain_speed, label)
 
 
 def llama_cpp_figures(args: argparse.Namespace, path: Path, drafter: Path, prompts: list[dict], rows: list[dict],
@@ -297,9 +301,8 @@ def measure_echo(args: argparse.Namespace, path: Path, prompts: list[dict], rows
               f" tok/s  MTP {summary['mtp_tokens_per_second']:7.1f} tok/s  acceptance {summary['acceptance_rate']:.3f}"
               f"  identical {summary['identical']}", flush=True)
     if args.llama_cpp:
-        plain_speed = llama_cpp_plain(args, path, prompts)
-        for name in args.tool_variants:
-            figures = llama_cpp_figures(args, path, drafter, prompts, tool_rows, name, plain_speed, "echo pair")
+        for name, figures in llama_cpp_variants(args, path, drafter, prompts, tool_rows, list(args.tool_variants),
+                                                "echo pair"):
             for row, measured in zip(tool_rows, figures, strict=True):
                 row["echo"].setdefault("llama_cpp", {})[name] = measured
 

@@ -11,7 +11,6 @@ Nothing here reaches the network unless the user's machine is online and not in 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import tempfile
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
+from urllib.request import getproxies
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -104,8 +104,7 @@ def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     Without it a machine with no network waits out huggingface_hub's retries (about 30 s) before transformers says
     so. Behind a proxy only the proxy can reach the hub, so a direct connection proves nothing and none is tried.
     """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                       "all_proxy")):
+    if set(getproxies()) - {"no"}:  # *_proxy variables of any case (no_proxy alone routes nothing through one)
         return None
     url = urlsplit(hub_constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)

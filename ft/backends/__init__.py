@@ -38,9 +38,10 @@ Name = Literal["hf", "unsloth"]
 # (bench/train_12b.py, docs/BENCHMARKS.md). At batch 1 unsloth's step grows with the square of the row length (0.50 s
 # at 2047 tokens, 3.58 s at 8203, 12.06 s at 16375) and ft's hf path, with about a second of fixed cost a step, more
 # slowly (1.57, 2.65, 6.34 s): quadratic fits cross near 5800 tokens, and at 6144 they differ by 3%. At batch 4 of
-# mixed-length rows (up to about 5k tokens, 20k a step) hf ran 1.51x plain unsloth's tokens per second: each new
-# padded width makes unsloth compile again (steps of 161, 63 and 20 s among 5-12 s ones), and hf's fixed cost is
-# spread over more tokens. So the bound is on the step's tokens, not the row's.
+# mixed-length rows (up to about 5k tokens, 20k a step) hf ran 2.51x plain unsloth's tokens per second over an epoch
+# of 12 steps: each new padded width makes unsloth compile again (steps of 13, 58 and 15 s among 3.5-6.6 s ones),
+# and even over unsloth's steps that did not recompile hf was 1.11x, its fixed cost spread over more tokens. So the
+# bound is on the step's tokens, not the row's.
 UNSLOTH_STEP_TOKENS = 6144
 
 

@@ -254,17 +254,16 @@ def llama_cpp_variants(args: argparse.Namespace, path: Path, drafter: Path, prom
     texts = [p["text"] for p in prompts[: args.tool_prompts]]
     plain_speed = _speed([plain(args.llama_cpp, path, t, args.tokens) for t in texts])
     for name in names:
-        yield name, llama_cpp_figures(args, path, drafter, prompts, rows, name, plain_speed, label)
+        yield name, llama_cpp_figures(args, path, drafter, texts, rows, name, plain_speed, label)
 
 
-def llama_cpp_figures(args: argparse.Namespace, path: Path, drafter: Path, prompts: list[dict], rows: list[dict],
+def llama_cpp_figures(args: argparse.Namespace, path: Path, drafter: Path, texts: list[str], rows: list[dict],
                       variant: str, plain_speed: float, label: str) -> list[dict[str, Any]]:
-    """llama.cpp's own MTP decoding of the first --tool-prompts prompts with one --tool-variant's arguments, one dict
-    per row's draft length, beside `plain_speed`. A variant the program refuses or crashes on is recorded with its
-    error, so the variants beside it still run."""
+    """llama.cpp's own MTP decoding of `texts` (the first --tool-prompts prompts) with one --tool-variant's
+    arguments, one dict per row's draft length, beside `plain_speed`. A variant the program refuses or crashes on is
+    recorded with its error, so the variants beside it still run."""
     from bench.llama_tools import speculative
 
-    texts = [p["text"] for p in prompts[: args.tool_prompts]]
     extra = args.tool_variants[variant]
     figures: list[dict[str, Any]] = []
     for row in rows:

@@ -117,10 +117,9 @@ def load(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None =
     try:
         with plain_cpu_kernels():
             return llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=logits_all,
-            vocab_only=vocab_only,
-            n_threads=threads or os.cpu_count(), n_gpu_layers=-1, seed=0, verbose=False,
-        )
+                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=logits_all,
+                vocab_only=vocab_only, n_threads=threads or os.cpu_count(), n_gpu_layers=-1, seed=0, verbose=False,
+            )
     except (ValueError, RuntimeError) as exc:
         raise EvalError(f"{path}: llama.cpp cannot load it ({exc})") from None
 

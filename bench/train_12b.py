@@ -18,7 +18,9 @@ next call measures only the points still missing (`--remeasure` measures all aga
     python -m bench.train_12b --work /tmp/t --shape tiny --paths ft-hf --points 2048 mm mixed4        # a CPU check
 
 Points: text rows of 2048, 8192, 16384 or 32768 tokens (batch 1); `mm`, one row of a 1120-soft-token image, 60 s of
-audio and text; `mixed4`, a mixed-length text/image/audio set at batch 4 (ft groups it by length). Paths: `ft`
+audio and text; `mixed4`, a mixed-length text/image/audio set at batch 4 (ft groups it by length); `real1` and
+`real4`, the realistic set (`realistic_rows`: 64 rows of users' lengths, images and audio) for one epoch at batch 1
+and 4, where the figure that counts is the wall time from process start to the last step (`last_step_after_seconds`). Paths: `ft`
 (`train.backend: auto`), `ft-hf` and `ft-unsloth` (the backend forced), `ft-tiled` and `ft-untiled` (hf with
 `train.tiled_mlp` on / off; `auto` never tiles under the bench's 80 GiB budget), `unsloth` and `transformers` (plain).
 """
@@ -38,7 +40,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-POINTS = ("2048", "8192", "16384", "32768", "mm", "mixed4")
+POINTS = ("2048", "8192", "16384", "32768", "mm", "mixed4", "real1", "real4")
+EPOCH_POINTS = ("mixed4", "real1", "real4")  # sets of different rows, one epoch each (the rest repeat one row)
 FT_PATHS = {"ft": {}, "ft-hf": {"backend": "hf"}, "ft-unsloth": {"backend": "unsloth"},
             "ft-tiled": {"backend": "hf", "tiled_mlp": "on"}, "ft-untiled": {"backend": "hf", "tiled_mlp": "off"}}
 PLAIN_PATHS = ("unsloth", "transformers")
@@ -48,6 +51,8 @@ STEPS = 6  # unsloth compiles on a shape's first step and recompiles on its seco
 MIXED_ROWS = 48
 MIXED_STEPS = MIXED_ROWS // 4  # the batch-4 set: one epoch, so every path trains on the very same rows (and meets
 # each kind of batch, text-only or with image and audio, which compiled paths compile once each)
+REAL_ROWS = 64  # the realistic set: lengths as users' data has them (most rows 300-1,500 tokens, a tail to 4,000),
+# a quarter with an image, one in six with 5-20 s of audio; one epoch at batch 1 (real1) and at batch 4 (real4)
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "The quick brown fox jumps over the lazy dog while the river runs past the old house. "
 
@@ -108,7 +113,7 @@ def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, i
     from ft.encode import length_of
     from ft.models import load_processor
 
-    soft = 70 if tiny else 1120
+    soft = 70 if tiny else 280 if point in ("real1", "real4") else 1120  # the realistic set: the recipe default
     processor = load_processor(str(model), soft)
     data = work / "data"
     media = data / f"media-{point}"  # a point's own files: mixed4's seed-0 image must not replace mm's
@@ -116,6 +121,9 @@ def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, i
     if point == "mm":
         rows = [media_row(2048 // scale, processor, media, 1632 // scale, 60 / scale, 0)]
         batch = 1
+    elif point in ("real1", "real4"):
+        rows = realistic_rows(processor, media, scale)
+        batch = 1 if point == "real1" else 4
     elif point == "mixed4":
         rng = np.random.default_rng(0)
         rows = []
@@ -135,6 +143,28 @@ def write_data(work: Path, point: str, model: Path, tiny: bool) -> tuple[Path, i
     return path, soft, batch, max(length_of(row, processor) for row in load_rows(path))
 
 
+def realistic_rows(processor: Any, media: Path, scale: int) -> list[dict[str, Any]]:
+    """`REAL_ROWS` chat rows whose text lengths follow a log-normal law (median 700 tokens, 10% over 1,500), the
+    last one 4,000 tokens long; every fourth row has an 896 px image, every sixth 5-20 s of audio."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(REAL_ROWS):
+        tokens = 4000 if i == REAL_ROWS - 1 else int(np.clip(rng.lognormal(np.log(700), 0.6), 200, 4000))
+        image_px = 896 if i % 4 == 0 else 0
+        audio_s = float(rng.uniform(5, 20)) if i % 6 == 1 else 0.0
+        if image_px or audio_s:
+            rows.append(media_row(tokens // scale, processor, media, image_px // scale, audio_s / scale, 1000 + i))
+        else:
+            rows.append(text_row(tokens // scale, processor))
+    order = rng.permutation(len(rows))  # the long row and the media rows anywhere in the file
+    return [rows[i] for i in order]
+
+
+def epoch_steps(point: str) -> int:
+    """Optimizer steps of a point: one epoch of a set, or `STEPS` of a repeated row."""
+    return {"mixed4": MIXED_STEPS, "real1": REAL_ROWS, "real4": REAL_ROWS // 4}.get(point, STEPS)
+
+
 def child_env(work: Path) -> dict[str, str]:
     """Offline, and one compile cache for every unsloth process of the run (a later process reuses its kernels)."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_COMPILE_LOCATION": str(work / "unsloth_compiled_cache")}
@@ -151,7 +181,7 @@ def steady_rate(seconds: list[float], tokens: list[int], single_row: bool) -> fl
 
 def recipe_for(work: Path, path: str, point: str, model: Path, tiny: bool) -> Path:
     data, soft, batch, longest = write_data(work, point, model, tiny)
-    steps = MIXED_STEPS if point == "mixed4" else STEPS
+    steps = epoch_steps(point)
     recipe = {
         "model": {"name": str(model)},
         "data": {"train": str(data), "max_seq_length": longest, "image_soft_tokens": soft},
@@ -183,9 +213,10 @@ def run_ft(work: Path, path: str, point: str, model: Path, tiny: bool) -> dict[s
     return {"backend": summary["backend"], "backend_reason": summary["backend_reason"],
             "lora_modules": summary["lora_modules"],
             "first_loss": next(r["loss"] for r in logged if "loss" in r),
-            "tokens_per_second": steady_rate(clock["step_seconds"], clock["step_tokens"], point != "mixed4"),
+            "tokens_per_second": steady_rate(clock["step_seconds"], clock["step_tokens"], point not in EPOCH_POINTS),
             "step_seconds": clock["step_seconds"], "step_tokens": clock["step_tokens"],
             "first_step_after_seconds": summary["first_step_after_seconds"],
+            "last_step_after_seconds": summary["last_step_after_seconds"],
             "peak_reserved_gib": memory.get("peak_reserved_gib"), "planned_gib": memory.get("planned_gib"),
             "tiled_mlp": memory.get("tiled_mlp"), "offload_activations": memory.get("offload_activations")}
 
@@ -255,7 +286,7 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
                            gradient_accumulation_steps=1,
                            learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[], bf16=True,
                            dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, optim="adamw_torch",
-                           remove_unused_columns=False, max_steps=MIXED_STEPS if point == "mixed4" else STEPS),
+                           remove_unused_columns=False, max_steps=epoch_steps(point)),
         )
         try:
             trainer.train()
@@ -266,15 +297,24 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
         seconds, tokens = [s for s, _ in clock.steps], [t for _, t in clock.steps]
         results[point] = {
             "first_loss": next(r["loss"] for r in trainer.state.log_history if "loss" in r),
-            "tokens_per_second": steady_rate(seconds, tokens, point != "mixed4"),
+            "tokens_per_second": steady_rate(seconds, tokens, point not in EPOCH_POINTS),
             "step_seconds": [round(s, 3) for s in seconds], "step_tokens": tokens,
             "first_step_after_seconds": round(clock.first_step_end - started, 1) if not results else None,
+            "last_step_after_seconds": round(clock.last_step_end - started, 1) if not results else None,
+            "compiles": compile_counts(),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "planned_gib": round(estimate(counts, batch * longest, kind, quantized=True).total_gib, 2),
             "lora_modules": len(lora_modules(fast)),
         }
         out.write_text(json.dumps(results))
         del trainer
+
+
+def compile_counts() -> dict[str, Any]:
+    """torch.compile's counters in this process (frames compiled, graphs, recompilations), where anything compiled."""
+    from torch._dynamo.utils import counters
+
+    return {name: dict(counters[name]) for name in ("frames", "stats", "recompiles") if counters.get(name)}
 
 
 def run_plain(kind: str, work: Path, points: list[str], model: Path, results: dict[str, Any]) -> None:
@@ -296,7 +336,8 @@ def run_plain(kind: str, work: Path, points: list[str], model: Path, results: di
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'point':8} {'path':11} {'peak GiB':>8} {'plan GiB':>8} {'tok/s':>8} {'1st step s':>10} {'loss 1':>7}"]
+    lines = [f"{'point':8} {'path':11} {'peak GiB':>8} {'plan GiB':>8} {'tok/s':>8} {'1st step s':>10} "
+             f"{'last step s':>11} {'loss 1':>7}"]
     for point in POINTS:
         for path in PATHS:
             r = results.get(path, {}).get(point)
@@ -307,7 +348,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 continue
             lines.append(f"{point:8} {path:11} {r.get('peak_reserved_gib') or 0:8.2f} {r.get('planned_gib') or 0:8.2f} "
                          f"{r.get('tokens_per_second') or 0:8.0f} {r.get('first_step_after_seconds') or 0:10.0f} "
-                         f"{r.get('first_loss') or 0:7.4f}")
+                         f"{r.get('last_step_after_seconds') or 0:11.0f} {r.get('first_loss') or 0:7.4f}")
     return "\n".join(lines)
 
 
@@ -363,11 +404,11 @@ def _write(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     payload = {"benchmark": "train_12b", "shape": args.shape, "date": datetime.date.today().isoformat(),
                "device": device, "commands": args.commands,
-               "steps_per_point": {"single row": STEPS, "mixed4": MIXED_STEPS},
+               "steps_per_point": {"single row": STEPS, **{p: epoch_steps(p) for p in EPOCH_POINTS}},
                "notes": "tokens_per_second: non-pad tokens over the steps after the first (the median step for a "
-                        "single row, all steps for mixed4), so no compilation is in it; first_step_after_seconds: "
-                        "process start to the end of the first optimizer step, compilation included (plain paths: "
-                        "their first point only); planned_gib: ft plan's estimate for that backend",
+                        "single row, all steps for a set), so no compilation is in it; first_step_after_seconds and "
+                        "last_step_after_seconds: process start to the end of the first and of the last optimizer "
+                        "step, compilation included (plain paths: their first point only); planned_gib: ft plan's estimate for that backend",
                "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -96,6 +96,7 @@ class StepClock(TrainerCallback):
         self.tokens = 0
         self.steps: list[tuple[float, int]] = []  # (seconds, tokens) per optimizer step
         self.first_step_end: float | None = None  # time.time() when the first step of this process ended
+        self.last_step_end: float | None = None  # and when the latest one did
         self._begin = 0.0
 
     def _now(self) -> float:
@@ -109,7 +110,8 @@ class StepClock(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         self.steps.append((self._now() - self._begin, self.tokens))
-        self.first_step_end = self.first_step_end or time.time()
+        self.last_step_end = time.time()
+        self.first_step_end = self.first_step_end or self.last_step_end
 
     def throughput(self) -> dict[str, Any]:
         """Median step time and tokens per second over the steps after the first (which warms up kernels)."""

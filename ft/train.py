@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import psutil
 import torch
 import yaml
 from rich.console import Console
-from transformers import PrinterCallback, set_seed
+from transformers import PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
@@ -231,17 +232,21 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
         summary["eval_loss_drop"] = 1.0 - evals[-1]["eval_loss"] / evals[0]["eval_loss"]
     summary["throughput"] = clock.throughput()
     if clock.first_step_end is not None:  # from the process's start: imports, data checks and loading included
-        summary["first_step_after_seconds"] = round(clock.first_step_end - psutil.Process().create_time(), 1)
+        started = psutil.Process().create_time()
+        summary["first_step_after_seconds"] = round(clock.first_step_end - started, 1)
+        summary["last_step_after_seconds"] = round(clock.last_step_end - started, 1)
     if plan is not None:  # every CUDA run checks the planner: its estimate beside what the step really reserved
         summary["memory"] = {**plan.settings(), "planned_gib": round(plan.total_gib, 2),
                              "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     return summary
 
 
-def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None) -> dict[str, Any]:
+def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None,
+          callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
     """Run the training stage of a recipe that passed `ft.preflight` and whose run directory this process has
     claimed (`ft.rundir`); return the run's summary. `ft train` chooses the backend before importing this module
-    (unsloth must load before trl); without one, it is chosen here."""
+    (unsloth must load before trl); without one, it is chosen here. `callbacks` are extra Trainer callbacks (a
+    benchmark's profiler, say)."""
     started = time.time()
     backend = backend or choose(recipe)
     device = backend.device
@@ -273,7 +278,7 @@ def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None) 
         eval_dataset=encoded_dataset(eval_rows, processor) if eval_rows else None,
         processing_class=processor,
         data_collator=partial(collate_items, pad_token_id=processor.tokenizer.pad_token_id),
-        callbacks=[metrics, clock, RichProgress()],
+        callbacks=[metrics, clock, RichProgress(), *callbacks],
     )
     trainer.clock = clock
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its raw dict prints

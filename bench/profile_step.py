@@ -1,0 +1,209 @@
+"""Where a training step's time goes: `ft train` on one repeated row under PyTorch's profiler, at the 12B shape.
+
+The run is ft's own (`ft.train.train` on a recipe written by bench.train_12b, the backend the recipe forces), with
+one extra Trainer callback: it times each step's phases with the GPU synchronized at their ends (the decoder's
+forward; the LM head, loss and backward; gradient clipping + optimizer, the rest: scheduler, zero_grad, logging, callbacks), and profiles `--profiled` steps
+after the warm-up. From the profile it reports how much of the profiled wall time the GPU was busy (the union of
+kernel and copy intervals), GPU time by kind of kernel (matrix products, 4-bit dequantization, attention, Triton,
+copies, optimizer, other), host-side synchronisations, and the top operators by host and device time. A step whose
+GPU is idle most of its wall time is bound by the host (Python, kernel launches, waits), not by arithmetic.
+
+    python -m bench.profile_step --work /tmp/t12 --tokens 2048 --out $OUT/profile.json   # GPU machine
+    python -m bench.profile_step --work /tmp/t --shape tiny --tokens 512 --out /tmp/p.json  # a CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# GPU kernels by kind, first match wins (names as CUDA, cuBLAS, bitsandbytes, PyTorch and Triton give them)
+KINDS = (
+    ("nf4 dequantize", re.compile(r"dequant|kQuantize", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|efficient", re.I)),
+    ("matrix products", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm90_|ampere_", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
+    ("triton (liger, fused loss)", re.compile(r"triton|_rms_norm|geglu|liger|cross_entropy", re.I)),
+    ("copies", re.compile(r"memcpy|memset|copy", re.I)),
+)
+SYNCS = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy(?!Async)")
+
+
+class StepProfiler(TrainerCallback):
+    """Times the phases of every step and profiles steps `start` .. `start + count - 1` (1-based)."""
+
+    def __init__(self, start: int, count: int, trace: Path | None) -> None:
+        self.start, self.count, self.trace = start, count, trace
+        self.steps: list[dict[str, float]] = []
+        self.profile: dict[str, Any] = {}
+        self._marks: dict[str, float] = {}
+        self._prof: torch.profiler.profile | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module, **_: Any) -> None:
+        decoder = model.get_base_model().model  # the decoder alone: the LM head and loss come after it
+        decoder.register_forward_pre_hook(lambda *_: self._mark("forward_begin"))
+        decoder.register_forward_hook(lambda *_: self._mark("forward_end"))
+
+    def _mark(self, name: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._marks[name] = time.perf_counter()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if state.global_step + 1 == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=activities)
+            self._prof.__enter__()
+        self._marks = {}
+        self._mark("begin")
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._mark("backward_end")
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._mark("optimizer_end")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._mark("end")
+        m = self._marks
+        self.steps.append({
+            "step": state.global_step, "seconds": m["end"] - m["begin"],
+            "before_forward": m.get("forward_begin", m["begin"]) - m["begin"],
+            "decoder_forward": m.get("forward_end", 0.0) - m.get("forward_begin", 0.0),
+            "head_loss_backward": m.get("backward_end", 0.0) - m.get("forward_end", 0.0),
+            "clip_and_optimizer": m.get("optimizer_end", 0.0) - m.get("backward_end", 0.0),
+            "after_optimizer": m["end"] - m.get("optimizer_end", m["end"]),
+        })
+        if self._prof is not None and state.global_step == self.start + self.count - 1:
+            self._prof.__exit__(None, None, None)
+            wall = sum(s["seconds"] for s in self.steps[-self.count:])
+            self.profile = summarize_profile(self._prof, wall, self.count, self.trace)
+            self._prof = None
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals.
+
+    >>> busy_seconds([(0, 2), (1, 3), (5, 6)])
+    4
+    """
+    total, reach = 0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def kind_of(kernel: str) -> str:
+    """>>> kind_of("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>"), kind_of("elementwise_kernel")
+    ('nf4 dequantize', 'other')
+    """
+    return next((kind for kind, pattern in KINDS if pattern.search(kernel)), "other")
+
+
+def summarize_profile(prof: torch.profiler.profile, wall: float, steps: int, trace: Path | None) -> dict[str, Any]:
+    """Per profiled step: wall time, GPU busy time, GPU time by kernel kind, host synchronisations, top operators."""
+    path = Path(prof_trace := f"/tmp/ft-profile-{time.time_ns()}.json")
+    prof.export_chrome_trace(prof_trace)
+    events = json.loads(path.read_text())["traceEvents"]
+    if trace is not None:
+        with gzip.open(trace, "wt") as f:
+            json.dump({"traceEvents": events}, f)
+    path.unlink()
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    by_kind: dict[str, float] = {}
+    for e in gpu:
+        by_kind[kind_of(e["name"])] = by_kind.get(kind_of(e["name"]), 0.0) + e["dur"] / 1e6
+    syncs = [e for e in events if e.get("cat") == "cuda_runtime" and SYNCS.search(e.get("name", ""))]
+    launches = [e for e in events if e.get("cat") == "cuda_runtime" and "Launch" in e.get("name", "")]
+    averages = prof.key_averages()
+    device_time = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+
+    def top(key: str, n: int = 25) -> list[dict[str, Any]]:
+        rows = sorted(averages, key=lambda a: getattr(a, key, 0), reverse=True)[:n]
+        return [{"name": a.key[:120], "calls": a.count // steps, "self_cpu_s": a.self_cpu_time_total / 1e6 / steps,
+                 "self_gpu_s": getattr(a, device_time, 0) / 1e6 / steps} for a in rows]
+
+    per_step = 1 / steps
+    return {
+        "profiled_steps": steps,
+        "wall_s": wall * per_step,
+        "gpu_busy_s": busy_seconds([(e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in gpu]) * per_step,
+        "gpu_kernels": len(gpu) // steps,
+        "kernel_launches": len(launches) // steps,
+        "gpu_seconds_by_kind": {k: round(v * per_step, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "host_syncs": len(syncs) // steps,
+        "host_sync_s": sum(e["dur"] for e in syncs) / 1e6 * per_step,
+        "top_host_ops": top("self_cpu_time_total"),
+        "top_gpu_ops": top(device_time),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    p, lines = result["profile"], []
+    lines.append(f"{result['tokens']} tokens, {result['backend']} backend, profiled {p['profiled_steps']} steps")
+    lines.append(f"wall {p['wall_s']:.3f} s a step; GPU busy {p['gpu_busy_s']:.3f} s; {p['gpu_kernels']} kernels, "
+                 f"{p['kernel_launches']} launches, {p['host_syncs']} host syncs ({p['host_sync_s']:.3f} s)")
+    for step in result["steps"]:
+        lines.append("step {step}: {seconds:.3f} s = decoder forward {decoder_forward:.3f} + head, loss and backward "
+                     "{head_loss_backward:.3f} + clip/optimizer "
+                     "{clip_and_optimizer:.3f} + after {after_optimizer:.3f} (before forward {before_forward:.3f})"
+                     .format(**step))
+    lines += [f"  GPU {kind:28} {s:8.4f} s" for kind, s in p["gpu_seconds_by_kind"].items()]
+    lines += [f"  host {r['name'][:60]:60} {r['self_cpu_s']:7.4f} s x{r['calls']}" for r in p["top_host_ops"][:12]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from bench.train_12b import build_checkpoint, recipe_for
+    from ft import rundir
+    from ft.backends import choose
+    from ft.recipe_io import load_recipe
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--trace", type=Path, help="also write the chrome trace here (gzip)")
+    parser.add_argument("--shape", choices=["12b", "tiny"], default="12b")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--path", default="ft-hf", help="a bench.train_12b ft path (the backend it forces)")
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--profiled", type=int, default=2, help="steps profiled, the last ones")
+    parser.add_argument("--label", default="", help="a name for this variant in --out (default: the path)")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = build_checkpoint(args.work, args.shape)
+    recipe_path = recipe_for(args.work, args.path, str(args.tokens), model, args.shape == "tiny")
+    recipe = load_recipe(recipe_path, [f"train.max_steps={args.steps}"])
+    with rundir.claim(recipe.output.dir, "run"):
+        backend = choose(recipe)
+        from ft.train import train
+
+        profiler = StepProfiler(args.steps - args.profiled + 1, args.profiled, args.trace)
+        summary = train(recipe, backend=backend, callbacks=[profiler])
+    result = {"tokens": args.tokens, "backend": backend.name, "summary_throughput": summary["throughput"],
+              "memory": summary.get("memory"), "steps": profiler.steps, "profile": profiler.profile}
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}
+    previous["variants"][args.label or args.path] = result
+    previous.update(benchmark="profile_step", date=datetime.date.today().isoformat(),
+                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    torch=torch.__version__, command="python -m bench.profile_step " + " ".join(sys.argv[1:]))
+    args.out.write_text(json.dumps(previous, indent=2) + "\n")
+    print(table(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bench.environment import earlier_environments, environment
+
 POINTS = ("2048", "8192", "16384", "32768", "mm", "mixed4")
 FT_PATHS = {"ft": {}, "ft-hf": {"backend": "hf"}, "ft-unsloth": {"backend": "unsloth"},
             "ft-tiled": {"backend": "hf", "tiled_mlp": "on"}, "ft-untiled": {"backend": "hf", "tiled_mlp": "off"}}
@@ -328,6 +330,7 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results: dict[str, dict[str, Any]] = previous.get("results", {})
     args.commands = [*previous.get("commands", []), "python -m bench.train_12b " + " ".join(sys.argv[1:])]
+    args.environment, args.earlier_environments = environment(sys.argv), earlier_environments(args.out)
     model = build_checkpoint(args.work, args.shape)
     tiny = args.shape == "tiny"
     try:
@@ -368,7 +371,8 @@ def _write(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
                         "single row, all steps for mixed4), so no compilation is in it; first_step_after_seconds: "
                         "process start to the end of the first optimizer step, compilation included (plain paths: "
                         "their first point only); planned_gib: ft plan's estimate for that backend",
-               "results": results}
+               "results": results, "environment": args.environment,
+               "earlier_environments": args.earlier_environments}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -28,11 +28,14 @@ import random
 import re
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.environment import environment
 
 VOCAB = 262144
 CONTEXT = 512
@@ -257,7 +260,8 @@ def main() -> None:
     result.update(benchmark="eval_divergence", date=datetime.date.today().isoformat(), vocab=VOCAB, context=CONTEXT,
                   threads=args.threads, tokens=args.tokens, cpu_count=os.cpu_count(), model_bytes=sizes,
                   ratios={"seconds": result["ft"]["seconds"] / result["llama_cpp"]["seconds"],
-                          "store_bytes": result["ft"]["store_bytes"] / result["llama_cpp"]["store_bytes"]})
+                          "store_bytes": result["ft"]["store_bytes"] / result["llama_cpp"]["store_bytes"]},
+                  environment=environment(sys.argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

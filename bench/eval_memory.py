@@ -18,9 +18,12 @@ import json
 import multiprocessing
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.environment import environment
 
 VOCAB = 262144
 TOKENS = 8192
@@ -79,7 +82,7 @@ def main() -> None:
     model_gib = max((args.work / f"model-{t}.gguf").stat().st_size for t in ("F32", "Q8_0")) / 2**30
     result.update(benchmark="eval_memory", date=datetime.date.today().isoformat(), vocab=VOCAB, tokens=TOKENS,
                   context=CONTEXT, cpu_count=os.cpu_count(), model_file_gib=model_gib,
-                  beyond_model_gib=result["peak_rss_gib"] - model_gib)
+                  beyond_model_gib=result["peak_rss_gib"] - model_gib, environment=environment(sys.argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -44,6 +44,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.environment import earlier_environments, environment
+
 PROMPT = "<|turn>user\n{i}. Write a short story about a lighthouse keeper and a storm.<turn|>\n<|turn>model\n"
 
 
@@ -158,6 +160,7 @@ def main() -> None:
                         help="skip decoding differing prompts again to report each divergence's logit lead")
     args = parser.parse_args()
     args.tool_variants = dict(args.tool_variants or [("default", ())])
+    args.earlier_environments = earlier_environments(args.out)  # a measure stage resuming an earlier call's file
     if args.stage in ("inputs", "all"):
         make_inputs(args.work, args.shape, args.prompts)
     if args.stage in ("quantize", "all"):
@@ -334,7 +337,8 @@ def write_result(args: argparse.Namespace, n_prompts: int, rows: list[dict]) -> 
     result = {"benchmark": "eval_speed", "shape": args.shape, "date": datetime.date.today().isoformat(),
               "device": _device_name(), "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
               "prompts": n_prompts, "tokens": args.tokens, "llama_cpp_python": llama_cpp.__version__,
-              "command": shlex.join(["python", "-m", "bench.eval_speed", *sys.argv[1:]]), "rows": rows}
+              "command": shlex.join(["python", "-m", "bench.eval_speed", *sys.argv[1:]]), "rows": rows,
+              "environment": environment(sys.argv), "earlier_environments": args.earlier_environments}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(result, indent=2) + "\n")
 

@@ -21,10 +21,13 @@ import os
 import platform
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.environment import earlier_environments, environment
 
 
 def _child(queue: Any, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -92,6 +95,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     steps = json.loads(args.out.read_text())["steps"] if args.stage != "prepare" and args.out.is_file() else []
+    earlier = earlier_environments(args.out) if args.stage != "prepare" else []  # the stages' calls, one file
     if args.stage in ("prepare", "all"):
         steps.append(measured("random inputs", make_inputs, work, args.shape))
         steps.append(measured("merge", merge, work))
@@ -111,6 +115,7 @@ def main() -> None:
         "host": platform.node(), "cpu_count": os.cpu_count(), "steps": steps, "file_gib": sizes,
         "peak_rss_gib_max": max((s["peak_rss_gib"] for s in export_steps), default=0.0),
         "export_seconds": sum(s["seconds"] for s in export_steps),
+        "environment": environment(sys.argv), "earlier_environments": earlier,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.environment import environment
+
 LOAD = """
 import faulthandler, sys, time
 faulthandler.enable()
@@ -137,7 +139,7 @@ def main() -> None:
     from ft.atomic import write_text
 
     result = {"benchmark": "load_order", "date": datetime.date.today().isoformat(), "model": args.model.name,
-              "gdb": shutil.which("gdb") is not None, "cases": cases}
+              "gdb": shutil.which("gdb") is not None, "cases": cases, "environment": environment(sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(result, indent=2) + "\n")
 

@@ -21,11 +21,14 @@ import ctypes
 import datetime
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from bench.environment import environment
 
 VOCAB = 262144
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
@@ -106,7 +109,7 @@ def main() -> None:
     payload = {"benchmark": "sampler_cost", "date": datetime.date.today().isoformat(),
                "device": f"CPU: {cpu_name()}, one thread",
                "command": "python -m bench.sampler_cost", "rows": args.rows, "vocab": VOCAB,
-               "milliseconds_per_row": results}
+               "milliseconds_per_row": results, "environment": environment(sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     for name, ms in results.items():

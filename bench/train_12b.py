@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bench.environment import earlier_environments, environment
+
 POINTS = ("2048", "8192", "16384", "32768", "mm", "mixed4", "real1", "real4")
 EPOCH_POINTS = ("mixed4", "real1", "real4")  # sets of different rows, one epoch each (the rest repeat one row)
 FT_PATHS = {"ft": {}, "ft-hf": {"backend": "hf"}, "ft-unsloth": {"backend": "unsloth"},
@@ -369,6 +371,7 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results: dict[str, dict[str, Any]] = previous.get("results", {})
     args.commands = [*previous.get("commands", []), "python -m bench.train_12b " + " ".join(sys.argv[1:])]
+    args.environment, args.earlier_environments = environment(sys.argv), earlier_environments(args.out)
     model = build_checkpoint(args.work, args.shape)
     tiny = args.shape == "tiny"
     try:
@@ -408,8 +411,10 @@ def _write(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
                "notes": "tokens_per_second: non-pad tokens over the steps after the first (the median step for a "
                         "single row, all steps for a set), so no compilation is in it; first_step_after_seconds and "
                         "last_step_after_seconds: process start to the end of the first and of the last optimizer "
-                        "step, compilation included (plain paths: their first point only); planned_gib: ft plan's estimate for that backend",
-               "results": results}
+                        "step, compilation included (plain paths: their first point only); planned_gib: ft plan's "
+                        "estimate for that backend",
+               "results": results, "environment": args.environment,
+               "earlier_environments": args.earlier_environments}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
 

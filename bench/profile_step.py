@@ -168,6 +168,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    from bench.environment import environment
     from bench.train_12b import build_checkpoint, recipe_for
     from ft import rundir
     from ft.backends import choose
@@ -199,8 +200,8 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}
     previous["variants"][args.label or args.path] = result
     previous.update(benchmark="profile_step", date=datetime.date.today().isoformat(),
-                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    torch=torch.__version__, command="python -m bench.profile_step " + " ".join(sys.argv[1:]))
+                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    result["environment"] = environment(sys.argv)
     args.out.write_text(json.dumps(previous, indent=2) + "\n")
     print(table(result), flush=True)
 

@@ -9,6 +9,8 @@ copies, optimizer, other), host-side synchronisations, and the top operators by 
 GPU is idle most of its wall time is bound by the host (Python, kernel launches, waits), not by arithmetic.
 
     python -m bench.profile_step --work /tmp/t12 --tokens 2048 --out $OUT/profile.json   # GPU machine
+    python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label no-offload \
+        --set train.offload_activations=off                                                # a variant beside it
     python -m bench.profile_step --work /tmp/t --shape tiny --tokens 512 --out /tmp/p.json  # a CPU check
 """
 
@@ -183,19 +185,21 @@ def main() -> None:
     parser.add_argument("--path", default="ft-hf", help="a bench.train_12b ft path (the backend it forces)")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--profiled", type=int, default=2, help="steps profiled, the last ones")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for this variant, e.g. train.offload_activations=off")
     parser.add_argument("--label", default="", help="a name for this variant in --out (default: the path)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_checkpoint(args.work, args.shape)
     recipe_path = recipe_for(args.work, args.path, str(args.tokens), model, args.shape == "tiny")
-    recipe = load_recipe(recipe_path, [f"train.max_steps={args.steps}"])
+    recipe = load_recipe(recipe_path, [f"train.max_steps={args.steps}", *args.set])
     with rundir.claim(recipe.output.dir, "run"):
         backend = choose(recipe)
         from ft.train import train
 
         profiler = StepProfiler(args.steps - args.profiled + 1, args.profiled, args.trace)
         summary = train(recipe, backend=backend, callbacks=[profiler])
-    result = {"tokens": args.tokens, "backend": backend.name, "summary_throughput": summary["throughput"],
+    result = {"tokens": args.tokens, "backend": backend.name, "overrides": args.set, "summary_throughput": summary["throughput"],
               "memory": summary.get("memory"), "steps": profiler.steps, "profile": profiler.profile}
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}
     previous["variants"][args.label or args.path] = result

@@ -173,8 +173,8 @@ def main() -> None:
     from bench.environment import environment
     from bench.train_12b import build_checkpoint, recipe_for
     from ft import rundir
-    from ft.backends import choose
     from ft.recipe_io import load_recipe
+    from ft.resolve import choose_backend, this_machine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -194,11 +194,11 @@ def main() -> None:
     recipe_path = recipe_for(args.work, args.path, str(args.tokens), model, args.shape == "tiny")
     recipe = load_recipe(recipe_path, [f"train.max_steps={args.steps}", *args.set])
     with rundir.claim(recipe.output.dir, "run"):
-        backend = choose(recipe)
+        backend = choose_backend(recipe, this_machine())
         from ft.train import train
 
         profiler = StepProfiler(args.steps - args.profiled + 1, args.profiled, args.trace)
-        summary = train(recipe, backend=backend, callbacks=[profiler])
+        summary = train(recipe, backend, callbacks=[profiler])
     result = {"tokens": args.tokens, "backend": backend.name, "overrides": args.set, "summary_throughput": summary["throughput"],
               "memory": summary.get("memory"), "steps": profiler.steps, "profile": profiler.profile}
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}

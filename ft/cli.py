@@ -64,12 +64,12 @@ def train(
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
         with held:
-            from ft.backends import choose
+            from ft.resolve import choose_backend, this_machine
 
-            backend = choose(loaded)  # imports unsloth, when it is the one, before trl and transformers load
+            backend = choose_backend(loaded, this_machine())  # imports unsloth, when it is the one, before trl
             from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
 
-            summary = run_training(loaded, resume=resume, backend=backend)
+            summary = run_training(loaded, backend, resume=resume)
             err.print_json(json.dumps(summary))
             if loaded.export is not None:
                 from quantize.pipeline import export_run  # the first stage that loads llama.cpp
@@ -139,17 +139,15 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
 
 @app.command()
 def plan(recipe: RecipeArg, overrides: Overrides = None) -> None:
-    """Estimate the run's peak GPU memory from the model's config (no weights, no data) and check it against
-    train.memory_budget_gb; exits 2 when it does not fit."""
+    """Estimate the run's peak GPU memory on a CUDA machine with unsloth installed, from the model's config (no
+    weights, no data), and check it against train.memory_budget_gb; exits 2 when it does not fit."""
     try:
         loaded = load_recipe(recipe, overrides)
-        from ft.memory import check_budget, plan_for
-        from ft.models import load_config
+        from ft.resolve import CUDA_WITH_UNSLOTH, choose_backend, resolve
 
-        with loaded.blame("model.name"):
-            config = load_config(loaded.model.name)
-        estimate = plan_for(loaded, config)
-        check_budget(loaded, estimate, config)  # its error carries the table
+        # the settings such a machine would run, its error carrying the table when they do not fit
+        estimate = resolve(loaded, choose_backend(loaded, CUDA_WITH_UNSLOTH)).plan
+        assert estimate is not None  # a CUDA machine's settings always carry a plan
     except FtError as exc:
         _fail(exc)
     err.print(f"{recipe}: {estimate.backend} backend, {estimate.base} base, a step of "

@@ -1,8 +1,9 @@
 """Peak GPU memory of a training run, estimated from the recipe before any weights are loaded.
 
-`ft train` checks the estimate against `train.memory_budget_gb` on CUDA and refuses, with the breakdown, a recipe
-that cannot fit, instead of dying in an out-of-memory error hours later; `ft plan RECIPE` prints it anywhere. After
-each CUDA run, summary.json holds the estimate beside the peak the run really reserved.
+It only estimates, for a backend, base and memory work already decided: `ft.resolve` weighs the estimate against
+`train.memory_budget_gb` (tiling the MLP when `train.tiled_mlp: auto` needs it) and refuses, with the breakdown, a
+CUDA run that cannot fit, instead of dying in an out-of-memory error hours later; `ft plan RECIPE` prints it
+anywhere. After each CUDA run, summary.json holds the estimate beside the peak the run really reserved.
 
 The estimate adds up what a LoRA step keeps on the GPU (peak = `torch.cuda.max_memory_reserved()`). Three ways to
 train are modelled: `hf` is ft's own path (transformers + peft + trl), `unsloth` plain unsloth, and `transformers`
@@ -23,7 +24,9 @@ the plain transformers + peft + bitsandbytes recipe measured as the baseline.
 - a fixed slack for the allocator and the kernels' workspaces.
 
 The fitted constants come from peak reserved memory of random weights of the exact 12B shape, r=16 on all
-language-model projections (`tests/test_memory.py` holds the measured tables, `bench/train_12b.py` measures them).
+language-model projections (`bench/train_12b.py` measures them; docs/BENCHMARKS.md, "Memory planner against measured
+peaks of plain unsloth and transformers" and "Training at the Gemma 4 12B shape", has the runs; `tests/test_memory.py`
+holds the estimates to them).
 
     >>> from ft.recipe import LoraSection
     >>> from ft.tiny import build_tiny
@@ -42,10 +45,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ft.backends import choose_for_plan
-from ft.errors import FtError
 from ft.lora import target_regex
-from ft.recipe import LoraSection, Recipe
+from ft.recipe import LoraSection
 from ft.tiling import TILE
 
 GIB = 1 << 30
@@ -53,11 +54,10 @@ NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit absmax p
 LORA_BYTES = 16  # fp32 weight, gradient and two AdamW moments
 FULL_LOGIT_BYTES = 24  # per vocabulary entry per token, transformers' own loss
 SLACK_GIB = 0.55  # fitted to the plain unsloth and transformers runs
-# ft's path, fitted to its H200 runs at the 12B shape (tests/test_memory.py holds them): bytes per token, per unit of
-# residual width and of MLP width, of the layer being recomputed (its MLP share held for one tile when tiled), and
-# the slack (allocator, workspaces, trl's head tile of 4096 x 32768). The least-squares fit to the 9 runs gives 73.9,
-# 5.58 and 0.39 GiB (all within 1.4% but one at +3.2%); the slack carries 0.2 GiB more, so that run-to-run noise
-# stays clear of the 3% a plan may fall short: the plan is then 0 to 4.7% above each run.
+# ft's path: bytes per token, per unit of residual width and of MLP width, of the layer being recomputed (its MLP
+# share held for one tile when tiled), and the slack (allocator, workspaces, trl's head tile). A least-squares fit to
+# ft's runs at the 12B shape, rounded, with the slack raised above the fit so that run-to-run noise stays clear of the
+# 3% a plan may fall short (docs/BENCHMARKS.md, "Training at the Gemma 4 12B shape", has the runs and the fit).
 HF_RESIDUAL_BYTES = 74.0
 HF_MLP_BYTES = 5.5
 HF_SLACK_GIB = 0.6
@@ -90,10 +90,10 @@ class MemoryPlan:
     def total_gib(self) -> float:
         return self.weights + self.lora + self.checkpoints + self.working + self.logits + self.slack
 
-    def settings(self) -> dict[str, object]:
-        """How the step is run, as summary.json and the progress header report it."""
+    def as_dict(self) -> dict[str, object]:
+        """The plan as summary.json's `memory` holds it, beside the peak the run reserved."""
         return {"base": self.base, "tokens": self.tokens, "offload_activations": self.offload,
-                "tiled_mlp": self.tiled_mlp}
+                "tiled_mlp": self.tiled_mlp, "planned_gib": round(self.total_gib, 2)}
 
     def table(self) -> str:
         where = "offloaded, trl's stash" if self.offload else "on the GPU"
@@ -173,44 +173,3 @@ def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool
         tiled_mlp=tiled_mlp,
     )
 
-
-def plan_for(recipe: Recipe, config: object, tokens: int | None = None, backend: Backend | None = None) -> MemoryPlan:
-    """The estimate for a recipe's run on CUDA with `backend` (default: the one `train.backend` and the micro-batch
-    give on a CUDA machine with unsloth installed); tokens defaults to the recipe's worst case (a batch of max-length
-    rows). `train.tiled_mlp: auto` tiles only when the untiled step would not fit the budget."""
-    t = recipe.train
-    backend = backend or choose_for_plan(t.backend, recipe.data.max_seq_length, t.batch_size)
-    tokens = tokens or t.batch_size * recipe.data.max_seq_length
-    quantized = backend == "unsloth" or recipe.model.quantization in ("auto", "nf4")
-    checkpointing = t.gradient_checkpointing or backend == "unsloth"
-    counts = count_parameters(config, recipe.lora)
-    hf = backend == "hf" and checkpointing
-
-    def plan(tiled: bool) -> MemoryPlan:
-        return estimate(counts, tokens, backend, quantized, checkpointing,
-                        offload=hf and t.offload_activations != "off", tiled_mlp=hf and tiled)
-
-    untiled = plan(t.tiled_mlp == "on")
-    if t.tiled_mlp == "auto" and untiled.total_gib > t.memory_budget_gb:
-        return plan(True)
-    return untiled
-
-
-def check_budget(recipe: Recipe, plan: MemoryPlan, config: object) -> None:
-    """Raise a FtError naming `train.memory_budget_gb` when the plan does not fit the budget; for an unsloth plan,
-    the message says whether ft's own hf path (offloaded checkpoints, tiled MLP) would fit instead."""
-    budget = recipe.train.memory_budget_gb
-    if plan.total_gib <= budget:
-        return
-    hint = ""
-    if plan.backend == "unsloth":
-        hf = plan_for(recipe, config, plan.tokens, "hf")
-        if hf.total_gib <= budget:
-            hint = (f"train.backend=hf fits: ft's own path plans {hf.total_gib:.1f} GiB for this step (checkpointed "
-                    "layer inputs in CPU memory, the MLP run in tiles).\n")
-    raise FtError(
-        f"{recipe.where('train.memory_budget_gb')}: this run needs about {plan.total_gib:.1f} GiB of GPU memory, "
-        f"more than the budget of {budget:g} GiB ({plan.backend} backend, {plan.base} base):\n{plan.table()}\n{hint}"
-        "Lower data.max_seq_length or train.batch_size (the largest step sets the peak), lower lora.r, turn on "
-        "train.gradient_checkpointing, or raise train.memory_budget_gb if the GPU has more memory."
-    )

@@ -42,11 +42,6 @@ HUB_PROBE_SECONDS = 5.0  # a reachable endpoint answers a TCP connect in well un
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_quantization(name: str, device: str) -> str:
-    """`auto` is nf4 (QLoRA) on CUDA, where memory is the limit, and none elsewhere (exact and faster on a CPU)."""
-    return ("nf4" if device == "cuda" else "none") if name == "auto" else name
-
-
 def nf4_config(dtype: torch.dtype) -> BitsAndBytesConfig:
     """QLoRA's 4-bit NF4 with double-quantized absmax for the decoder's linear layers. The image and audio
     projections stay unquantized (small, and LoRA targets in their own right), as does the tied output head."""
@@ -54,13 +49,6 @@ def nf4_config(dtype: torch.dtype) -> BitsAndBytesConfig:
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
         llm_int8_skip_modules=["model.embed_vision", "model.embed_audio", "lm_head"],  # prefixes of module names
     )
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def offline() -> bool:
@@ -148,13 +136,13 @@ def _tiny_name(name: str) -> str:
 
 
 def load_model(
-    name: str, dtype: str = "auto", device: str = "cpu", quantization: str = "none"
+    name: str, dtype: str = "float32", device: str = "cpu", quantization: str = "none"
 ) -> Gemma4UnifiedForConditionalGeneration:
-    """Load the model's weights in the training dtype, with an NF4 base when quantization says so (its processor
-    comes from `load_processor`). Tiny models are built locally from `ft.tiny` (through a temporary checkpoint folder
-    when quantized, as bitsandbytes quantizes while loading)."""
-    torch_dtype = resolve_dtype(dtype, device)
-    nf4 = resolve_quantization(quantization, device) == "nf4"
+    """Load the model's weights in `dtype` (a `DTYPES` name), with an NF4 base when quantization is nf4, as
+    `ft.resolve` decided them (its processor comes from `load_processor`). Tiny models are built locally from
+    `ft.tiny` (through a temporary checkpoint folder when quantized, as bitsandbytes quantizes while loading)."""
+    torch_dtype = DTYPES[dtype]
+    nf4 = quantization == "nf4"
     if name.startswith(TINY_PREFIX) and not nf4:
         return build_tiny(_tiny_name(name))[0].to(torch_dtype).to(device)
     with checkpoint_folder(name) as source:

@@ -18,7 +18,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from ft.backends import UNSLOTH_STEP_TOKENS
 from ft.errors import FtError
 from ft.quant_types import NEEDS_IMATRIX, QUANT_TYPES
 
@@ -90,8 +89,8 @@ class TrainSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="Who builds and trains the model: hf (transformers + peft + bitsandbytes with ft's "
         "memory work; any device) or unsloth (CUDA only); auto is unsloth on CUDA where it imports and a micro-batch "
-        f"(train.batch_size x data.max_seq_length) is at most {UNSLOTH_STEP_TOKENS} tokens, hf elsewhere (past that "
-        "hf is the faster)."
+        "(train.batch_size x data.max_seq_length) is small enough that unsloth is the faster, hf elsewhere (the bound "
+        "and its measurements: docs/BENCHMARKS.md, \"Training backends at the Gemma 4 12B shape\")."
     )
     seed: int = Field(0, ge=0, description="Seeds weights of new LoRA layers, data order and dropout.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")

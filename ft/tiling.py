@@ -5,7 +5,7 @@ layer, its gate, up and product rows are most of what the layer holds, about 90 
 16,384 tokens). The MLP treats tokens independently, so each tile of `TILE` tokens runs under its own activation
 checkpoint: its intermediate rows exist for one tile at a time, in the forward and in the backward pass. The price
 is one more forward of the MLP in the backward pass, so ft tiles only when the memory plan says a step needs it
-(`train.tiled_mlp`, see `ft.memory`), and never a row that fits in one tile.
+(`train.tiled_mlp`, decided in `ft.resolve`), and never a row that fits in one tile.
 
     >>> import torch
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))

@@ -35,18 +35,18 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
+from ft import backends
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
-from ft.backends import Backend, choose
 from ft.batching import LengthGroupedEpochSampler, padding_share
 from ft.callbacks import MetricsLog, RichProgress, StepClock, read_metrics
 from ft.data import Row, load_rows
 from ft.encode import collate_items, encoded_dataset
 from ft.lora import lora_modules
 from ft.loss import causal_lm_loss
-from ft.memory import MemoryPlan, check_budget, plan_for
-from ft.models import load_config, load_processor
+from ft.models import load_processor
 from ft.plots import loss_curve
 from ft.recipe import Recipe
+from ft.resolve import Backend, Settings, resolve
 from ft.rundir import clear
 from ft.validate import check_rows
 
@@ -154,19 +154,11 @@ def load_data(recipe: Recipe, processor: Any) -> tuple[list[Row], list[Row], lis
     return loaded[0], loaded[1], lengths
 
 
-def wandb_mode(setting: str) -> str:
-    if setting == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return setting
-
-
-def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: MemoryPlan | None,
-                       backend: Backend) -> SFTConfig:
-    """The Trainer's settings; offloading follows the CUDA memory plan (there is none, and no offloading, on CPUs).
-    unsloth always checkpoints, its own way (offloaded, reentrant), as plain unsloth does under trl's defaults."""
+def training_arguments(recipe: Recipe, settings: Settings, has_eval: bool) -> SFTConfig:
+    """The Trainer's arguments: the recipe's train section, with checkpointing, offloading, precision and wandb as
+    resolved (`ft.resolve`)."""
     t, run = recipe.train, recipe.output.dir
-    hf = backend.name == "hf"
-    mode = wandb_mode(recipe.logging.wandb)
+    hf, mode = settings.backend == "hf", settings.wandb
     if mode != "disabled":
         os.environ.update(
             WANDB_MODE=mode, WANDB_DIR=str(run), WANDB_PROJECT=recipe.logging.project, WANDB_SILENT="true"
@@ -194,12 +186,12 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: Memory
         save_strategy="steps",
         save_steps=t.save_every,
         save_total_limit=t.keep_checkpoints,
-        gradient_checkpointing=t.gradient_checkpointing or not hf,
+        gradient_checkpointing=settings.gradient_checkpointing,
         # ft's offloading and MLP tiles need the non-reentrant kind; unsloth picks its own
         gradient_checkpointing_kwargs={"use_reentrant": False} if hf else None,
-        activation_offloading=plan is not None and plan.offload,
-        bf16=device == "cuda" and recipe.model.dtype in ("auto", "bfloat16"),
-        use_cpu=device == "cpu",
+        activation_offloading=settings.offload_activations,
+        bf16=settings.device == "cuda" and settings.dtype == "bfloat16",
+        use_cpu=settings.device == "cpu",
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive validated, encoded and labelled by ft
         max_length=None,  # too-long rows were reported by the data checks, never cut
@@ -212,13 +204,14 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: Memory
 
 
 def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, modules: list[str],
-              pad_share: float | None, plan: MemoryPlan | None, clock: StepClock, backend: Backend) -> dict[str, Any]:
+              pad_share: float | None, clock: StepClock, settings: Settings) -> dict[str, Any]:
     evals = [r for r in records if "eval_loss" in r]
     losses = [r for r in records if "loss" in r]
     summary: dict[str, Any] = {
         "model": recipe.model.name,
-        "backend": backend.name,
-        "backend_reason": backend.reason,
+        "backend": settings.backend,
+        "backend_reason": settings.backend_reason,
+        "settings": settings.as_dict(),
         "steps": max((r["step"] for r in records), default=0),
         "train_loss_last": losses[-1]["loss"] if losses else None,
         "eval_loss_first": evals[0]["eval_loss"] if evals else None,
@@ -235,45 +228,34 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
         started = psutil.Process().create_time()
         summary["first_step_after_seconds"] = round(clock.first_step_end - started, 1)
         summary["last_step_after_seconds"] = round(clock.last_step_end - started, 1)
-    if plan is not None:  # every CUDA run checks the planner: its estimate beside what the step really reserved
-        summary["memory"] = {**plan.settings(), "planned_gib": round(plan.total_gib, 2),
+    if settings.plan is not None:  # every CUDA run checks the planner: its estimate beside what the step reserved
+        summary["memory"] = {**settings.plan.as_dict(),
                              "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     return summary
 
 
-def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None,
+def train(recipe: Recipe, backend: Backend, resume: bool = False,
           callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
     """Run the training stage of a recipe that passed `ft.preflight` and whose run directory this process has
-    claimed (`ft.rundir`); return the run's summary. `ft train` chooses the backend before importing this module
-    (unsloth must load before trl); without one, it is chosen here. `callbacks` are extra Trainer callbacks (a
-    benchmark's profiler, say)."""
+    claimed (`ft.rundir`) on the backend `ft.resolve.choose_backend` chose before this module imported trl (unsloth
+    must load first); return the run's summary. `callbacks` are extra Trainer callbacks (a benchmark's profiler)."""
     started = time.time()
-    backend = backend or choose(recipe)
-    device = backend.device
     last_checkpoint = checkpoint_to_resume(recipe, resume)
     set_seed(recipe.train.seed)
     with recipe.blame("model.name"):
         processor = load_processor(recipe.model.name, recipe.data.image_soft_tokens)
     train_rows, eval_rows, lengths = load_data(recipe, processor)
-    plan = None
-    if device == "cuda":  # refuse before loading any weights; the budget is GPU memory
-        with recipe.blame("model.name"):
-            config = load_config(recipe.model.name)
-        # A batch of the longest rows bounds every step (and grouping by length makes such a batch likely).
-        plan = plan_for(recipe, config, recipe.train.batch_size * max(lengths), backend.name)
-        check_budget(recipe, plan, config)
-    header = f"{backend.name} backend ({backend.reason}) on {device}"
-    if plan is not None:
-        settings = ", ".join(f"{key} {value}" for key, value in plan.settings().items())
-        header += f", planned peak {plan.total_gib:.1f} GiB: {settings}"
-    console.print(header, highlight=False)
-    model = backend.load(recipe, plan)
+    # Every other `auto`, decided before any weights load (on CUDA a run over the memory budget stops here): a batch
+    # of the longest rows bounds every step, and grouping by length makes such a batch likely.
+    settings = resolve(recipe, backend, recipe.train.batch_size * max(lengths))
+    console.print(settings.header(), highlight=False)
+    model = backends.load(recipe, settings)
     run = prepare_run_dir(recipe, last_checkpoint)
     modules = lora_modules(model)
     metrics, clock = MetricsLog(run / "metrics.jsonl"), StepClock()
     trainer = RecipeTrainer(
         model=model,
-        args=training_arguments(recipe, device, bool(eval_rows), plan, backend),
+        args=training_arguments(recipe, settings, bool(eval_rows)),
         train_dataset=encoded_dataset(train_rows, processor),
         eval_dataset=encoded_dataset(eval_rows, processor) if eval_rows else None,
         processing_class=processor,
@@ -302,7 +284,7 @@ def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None,
         model.save_pretrained(tmp, save_embedding_layers=False)  # embeddings are never trained here
     records = read_metrics(run / "metrics.jsonl")
     loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
-    summary = summarize(recipe, records, time.time() - started, modules, pad_share, plan, clock, backend)
+    summary = summarize(recipe, records, time.time() - started, modules, pad_share, clock, settings)
     write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

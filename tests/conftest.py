@@ -32,11 +32,13 @@ def processor(tiny):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
-    """The README's demo, once per session: train, export (ft quantize) and evaluate (ft eval) the tiny model."""
+    """The README's demo, once per session: train, export (ft quantize) and evaluate (ft eval) the tiny model. What
+    the command printed is kept beside the run directory, in `ft.stderr`."""
     run = tmp_path_factory.mktemp("demo") / "run"
     result = run_ft("train", str(ROOT / "recipes" / "demo.yaml"), f"output.dir={run}", "logging.wandb=offline")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    (run.parent / "ft.stderr").write_text(result.stderr)
     return run
 
 

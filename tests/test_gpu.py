@@ -26,7 +26,7 @@ import torch
 import yaml
 from conftest import run_ft, write_recipe
 
-from ft.backends import UNSLOTH_STEP_TOKENS
+from ft.resolve import UNSLOTH_STEP_TOKENS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 

@@ -145,19 +145,27 @@ def test_flagship_recipe_fits_its_budget(config_dir_12b: Path) -> None:
 
 
 def test_tiled_mlp_auto_tiles_only_a_step_over_budget(tmp_path: Path, config_dir_12b: Path) -> None:
-    """`train.tiled_mlp: auto` pays the MLP's second forward only when the untiled step would not fit, and the tiled
-    plan keeps less of the layer being recomputed; offloading leaves a stash of checkpoints, not all 48."""
-    from ft.memory import plan_for
-    from ft.models import load_config
+    """`train.tiled_mlp: auto` pays the MLP's second forward only when the untiled step would not fit (the resolver
+    decides, from the planner's estimate), and the tiled plan keeps less of the layer being recomputed; offloading
+    leaves a stash of checkpoints, not all 48."""
+    from ft.memory import MemoryPlan
     from ft.recipe_io import load_recipe
+    from ft.resolve import CUDA_WITH_UNSLOTH, choose_backend, resolve
 
     recipe = write_recipe(tmp_path / "r.yaml", model={"name": str(config_dir_12b)}, data={"max_seq_length": 16384},
                           train={"backend": "hf", "gradient_checkpointing": True, "memory_budget_gb": 15,
                                  "batch_size": 1})
-    config = load_config(str(config_dir_12b))
-    tight = plan_for(load_recipe(recipe, []), config)
-    roomy = plan_for(load_recipe(recipe, ["train.memory_budget_gb=80"]), config)
-    kept = plan_for(load_recipe(recipe, ["train.memory_budget_gb=80", "train.offload_activations=off"]), config)
+
+    def plan(*overrides: str) -> MemoryPlan:
+        loaded = load_recipe(recipe, list(overrides))
+        settings = resolve(loaded, choose_backend(loaded, CUDA_WITH_UNSLOTH))
+        assert settings.plan is not None
+        assert (settings.tiled_mlp, settings.offload_activations) == (settings.plan.tiled_mlp, settings.plan.offload)
+        return settings.plan
+
+    tight = plan()
+    roomy = plan("train.memory_budget_gb=80")
+    kept = plan("train.memory_budget_gb=80", "train.offload_activations=off")
     assert tight.tiled_mlp and not roomy.tiled_mlp
     assert tight.working < roomy.working and tight.total_gib <= 15 < roomy.total_gib
     assert tight.offload and roomy.offload and not kept.offload

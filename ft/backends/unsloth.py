@@ -1,8 +1,8 @@
 """The unsloth backend (CUDA only): unsloth's FastModel with its fused LoRA kernels, chunked loss over the
 262,144-token head and offloaded gradient checkpointing, trained by trl's SFTTrainer as unsloth patches it.
 
-unsloth patches transformers, peft and trl when it is imported, so `ft.backends.choose` imports it before
-`ft.train` (and with it trl) loads. The LoRA goes exactly where the recipe says: ft's own target regex
+unsloth patches transformers, peft and trl when it is imported, so `ft.resolve.choose_backend` imports it
+before `ft.train` (and with it trl) loads. The LoRA goes exactly where the recipe says: ft's own target regex
 (`ft.lora.target_regex`) is handed to unsloth, which passes a regex to peft unchanged (its own target patterns
 miss `gemma4_unified`'s image embedder), and the modules that got a LoRA are checked against the regex by name.
 """
@@ -16,19 +16,19 @@ from torch import nn
 
 from ft.errors import FtError
 from ft.lora import lora_modules, target_regex
-from ft.memory import MemoryPlan
-from ft.models import checkpoint_folder, resolve_dtype, resolve_quantization
+from ft.models import DTYPES, checkpoint_folder
 from ft.recipe import Recipe
+from ft.resolve import Settings
 
 
-def load(recipe: Recipe, device: str, plan: MemoryPlan | None) -> PeftModel:
+def load(recipe: Recipe, settings: Settings) -> PeftModel:
     from unsloth import FastModel
 
     with checkpoint_folder(recipe.model.name) as source:  # a tiny model's folder must outlive get_peft_model
         with recipe.blame("model.name"):
             model, _ = FastModel.from_pretrained(
-                source, max_seq_length=recipe.data.max_seq_length, dtype=resolve_dtype(recipe.model.dtype, device),
-                load_in_4bit=resolve_quantization(recipe.model.quantization, device) == "nf4", full_finetuning=False,
+                source, max_seq_length=recipe.data.max_seq_length, dtype=DTYPES[settings.dtype],
+                load_in_4bit=settings.quantization == "nf4", full_finetuning=False,
                 use_gradient_checkpointing="unsloth",
                 use_exact_model_name=True,  # the recipe's checkpoint, not a mirror unsloth maps a hub id to
             )

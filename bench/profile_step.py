@@ -8,10 +8,10 @@ kernel and copy intervals), GPU time by kind of kernel (matrix products, 4-bit d
 copies, optimizer, other), host-side synchronisations, and the top operators by host and device time. A step whose
 GPU is idle most of its wall time is bound by the host (Python, kernel launches, waits), not by arithmetic.
 
-    python -m bench.profile_step --work /tmp/t12 --tokens 2048 --out $OUT/profile.json   # GPU machine
+    python -m bench.profile_step --work /tmp/t12 --tokens 2048 --out $OUT/profile.json --switches sdpa no-liger
     python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label no-offload \
         --set train.offload_activations=off                                                # a variant beside it
-    python -m bench.profile_step --work /tmp/t --shape tiny --tokens 512 --out /tmp/p.json  # a CPU check
+    python -m bench.profile_step --work /tmp/t --shape tiny --tokens 512 --out /tmp/p.json --switches sdpa
 """
 
 from __future__ import annotations
@@ -41,20 +41,62 @@ KINDS = (
 SYNCS = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy(?!Async)")
 
 
-class StepProfiler(TrainerCallback):
-    """Times the phases of every step and profiles steps `start` .. `start + count - 1` (1-based)."""
+def use_sdpa(model: torch.nn.Module, on: bool) -> None:
+    """transformers' `sdpa` attention (one masked kernel over every key) in place of ft's chunked attention."""
+    from ft import attention
 
-    def __init__(self, start: int, count: int, trace: Path | None) -> None:
-        self.start, self.count, self.trace = start, count, trace
-        self.steps: list[dict[str, float]] = []
+    model.get_base_model().set_attn_implementation("sdpa" if on else attention.IMPLEMENTATION)
+
+
+_LIGER: dict[torch.nn.Module, Any] = {}
+
+
+def drop_liger(model: torch.nn.Module, on: bool) -> None:
+    """transformers' own RMSNorm and MLP in place of Liger's kernels (`ft.kernels` sets them per module)."""
+    if on:
+        _LIGER.update({m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__
+                       and (type(m).__name__.endswith("RMSNorm") or type(m).__name__ == "Gemma4UnifiedTextMLP")})
+    else:
+        for module, forward in _LIGER.items():
+            module.forward = forward
+        _LIGER.clear()
+
+
+SWITCHES = {"sdpa": use_sdpa, "no-liger": drop_liger}  # each runs SWITCH_STEPS steps after the profiled ones
+SWITCH_STEPS = 2  # the first may warm up new kernels; the second is the one to read
+
+
+class StepProfiler(TrainerCallback):
+    """Times the phases of every step, profiles steps `start` .. `start + count - 1` (1-based), then runs
+    `SWITCH_STEPS` steps with each of `switches` on (one at a time), each step labelled with its variant."""
+
+    def __init__(self, start: int, count: int, trace: Path | None, switches: list[str]) -> None:
+        self.start, self.count, self.trace, self.switches = start, count, trace, switches
+        self.steps: list[dict[str, Any]] = []
         self.profile: dict[str, Any] = {}
         self._marks: dict[str, float] = {}
         self._prof: torch.profiler.profile | None = None
+        self._model: torch.nn.Module | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module, **_: Any) -> None:
+        self._model = model
         decoder = model.get_base_model().model  # the decoder alone: the LM head and loss come after it
         decoder.register_forward_pre_hook(lambda *_: self._mark("forward_begin"))
         decoder.register_forward_hook(lambda *_: self._mark("forward_end"))
+
+    def _variant(self, step: int) -> str:
+        """The switch on at 1-based `step` ('default' before and between them)."""
+        first = self.start + self.count
+        index = (step - first) // SWITCH_STEPS
+        return self.switches[index] if step >= first and index < len(self.switches) else "default"
+
+    def _switch(self, step: int) -> None:
+        before, now = self._variant(step - 1), self._variant(step)
+        if before != now:
+            if before != "default":
+                SWITCHES[before](self._model, False)
+            if now != "default":
+                SWITCHES[now](self._model, True)
 
     def _mark(self, name: str) -> None:
         if torch.cuda.is_available():
@@ -62,6 +104,7 @@ class StepProfiler(TrainerCallback):
         self._marks[name] = time.perf_counter()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._switch(state.global_step + 1)
         if state.global_step + 1 == self.start:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
@@ -81,7 +124,7 @@ class StepProfiler(TrainerCallback):
         self._mark("end")
         m = self._marks
         self.steps.append({
-            "step": state.global_step, "seconds": m["end"] - m["begin"],
+            "step": state.global_step, "variant": self._variant(state.global_step), "seconds": m["end"] - m["begin"],
             "before_forward": m.get("forward_begin", m["begin"]) - m["begin"],
             "decoder_forward": m.get("forward_end", 0.0) - m.get("forward_begin", 0.0),
             "head_loss_backward": m.get("backward_end", 0.0) - m.get("forward_end", 0.0),
@@ -160,7 +203,7 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"wall {p['wall_s']:.3f} s a step; GPU busy {p['gpu_busy_s']:.3f} s; {p['gpu_kernels']} kernels, "
                  f"{p['kernel_launches']} launches, {p['host_syncs']} host syncs ({p['host_sync_s']:.3f} s)")
     for step in result["steps"]:
-        lines.append("step {step}: {seconds:.3f} s = decoder forward {decoder_forward:.3f} + head, loss and backward "
+        lines.append("step {step} ({variant}): {seconds:.3f} s = decoder forward {decoder_forward:.3f} + head, loss and backward "
                      "{head_loss_backward:.3f} + clip/optimizer "
                      "{clip_and_optimizer:.3f} + after {after_optimizer:.3f} (before forward {before_forward:.3f})"
                      .format(**step))
@@ -183,8 +226,10 @@ def main() -> None:
     parser.add_argument("--shape", choices=["12b", "tiny"], default="12b")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--path", default="ft-hf", help="a bench.train_12b ft path (the backend it forces)")
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--profiled", type=int, default=2, help="steps profiled, the last ones")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones")
+    parser.add_argument("--profiled", type=int, default=2, help="steps profiled")
+    parser.add_argument("--switches", nargs="*", default=[], choices=list(SWITCHES),
+                        help=f"variants of the loaded model run {SWITCH_STEPS} steps each after the profiled steps")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="recipe overrides for this variant, e.g. train.offload_activations=off")
     parser.add_argument("--label", default="", help="a name for this variant in --out (default: the path)")
@@ -192,12 +237,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_checkpoint(args.work, args.shape)
     recipe_path = recipe_for(args.work, args.path, str(args.tokens), model, args.shape == "tiny")
-    recipe = load_recipe(recipe_path, [f"train.max_steps={args.steps}", *args.set])
+    steps = args.warmup + args.profiled + SWITCH_STEPS * len(args.switches)
+    recipe = load_recipe(recipe_path, [f"train.max_steps={steps}", *args.set])
     with rundir.claim(recipe.output.dir, "run"):
         backend = choose_backend(recipe, this_machine())
         from ft.train import train
 
-        profiler = StepProfiler(args.steps - args.profiled + 1, args.profiled, args.trace)
+        profiler = StepProfiler(args.warmup + 1, args.profiled, args.trace, args.switches)
         summary = train(recipe, backend, callbacks=[profiler])
     result = {"tokens": args.tokens, "backend": backend.name, "overrides": args.set, "summary_throughput": summary["throughput"],
               "memory": summary.get("memory"), "steps": profiler.steps, "profile": profiler.profile}

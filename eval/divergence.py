@@ -29,8 +29,8 @@ arithmetic on the exact log-probabilities, single positions within 1.5e-6; on a 
 perplexities agree to 1.4e-6.
 
 Arithmetic is float32 over the vocabulary in numpy, in blocks of ROW_BLOCK rows, with float64 sums, on one thread on
-purpose: torch's two-thread pool ran these operations 2-10x slower than one thread on the 2-core machine, and with
-its threads spinning beside llama.cpp's the decodes took 1.8x as long.
+purpose: torch's two-thread pool ran these operations slower than one thread on the 2-core machine, and its spinning
+threads slowed llama.cpp's decodes beside them (docs/BENCHMARKS.md#measurements-behind-design-decisions).
 
     >>> import numpy as np
     >>> acc = Divergence()

@@ -60,8 +60,8 @@ def check_gguf(path: Path) -> None:
     """Raise EvalError if `path` is not a readable GGUF model file: a header llama.cpp's own parser accepts, with
     at least one tensor, and every tensor's data inside the file.
 
-    ggml's C parser rather than the `gguf` package's reader: the reader builds numpy views of every metadata value
-    and took 9.4 s for a 262,144-token vocabulary, the C parser 0.1 s.
+    ggml's C parser rather than the `gguf` package's reader: the reader builds numpy views of every metadata value,
+    which takes seconds at a 262,144-token vocabulary (docs/BENCHMARKS.md#measurements-behind-design-decisions).
     """
     if not path.is_file():
         raise EvalError(f"model file not found: {path}")
@@ -190,8 +190,8 @@ class Scorer:
     output layer runs for those rows alone (most of the work at a 262,144-token vocabulary), and it can decode n_seq
     windows per llama_decode as separate sequences (seq_id w, positions 0..n_ctx-1, one KV stream each), as
     llama-perplexity does with n_seq = n_batch / n_ctx. One window per decode is the default: on the CPU, where
-    llama.cpp computes 512-token micro-batches either way, four per decode were no faster (14.2 s against 14.1 s for
-    8 windows of 512 tokens at Gemma 4's vocabulary) and held 1 GiB more of logits. Unlike llama-perplexity, it does
+    llama.cpp computes 512-token micro-batches either way, four per decode were no faster and held more logits
+    (docs/BENCHMARKS.md#measurements-behind-design-decisions). Unlike llama-perplexity, it does
     not ask for the window's last position, whose prediction lies beyond the window. The logits come back as numpy
     views of llama.cpp's output buffer, not copies.
     """

@@ -4,8 +4,8 @@ Gemma 4 builds, for every step, a boolean mask of sequence x sequence entries fo
 attend to each other both ways, so the mask is never plain causal), and transformers' `sdpa` attention hands it to
 PyTorch, which then runs a masked kernel over every query and every key: on the 40 sliding-window layers (1024
 tokens) too, and on the full layers (head_dim 512, past the flash kernel's 256) with the key/value head copied 16
-times. On an H200 at the 12B shape, ft's step on that path grew by 8.6 GiB and took 2.9x as long from 8192 to 16384
-tokens.
+times: memory and time that grow with the square of the row length at the 12B shape
+(docs/BENCHMARKS.md#measurements-behind-design-decisions).
 
 ft registers its own attention with transformers (`IMPLEMENTATION`), with a mask of its own (`ChunkedMask`): the
 mask function transformers composes for a layer type (causal, sliding window, padding, bidirectional image blocks)

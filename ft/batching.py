@@ -3,7 +3,8 @@
 Multimodal rows vary widely in length (a 30 s clip is 750 audio tokens, an image 70-1120), and a batch is as long as
 its longest row; random batches of such rows are mostly padding. transformers' length grouping (shuffle, cut into
 mega-batches, sort each by length) does the grouping, with mega-batches of 64 batches: its default (a quarter of the
-data at most) left 29% padding on the mixed set of tests/test_batching.py. Sorted mega-batches come out longest
+data at most) left several times as much padding on the mixed set of tests/test_batching.py
+(docs/BENCHMARKS.md#measurements-behind-design-decisions). Sorted mega-batches come out longest
 first, so ft then shuffles the order of whole batches (the longest batch stays first, so that an
 out-of-memory error comes at step 1, not hours in). ft feeds it the token lengths it already measured while checking
 the data, and draws each epoch's order from (seed, epoch) so that `--resume` replays the same order.

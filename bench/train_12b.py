@@ -249,6 +249,7 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
 
     if kind == "unsloth":
         import unsloth  # noqa: F401  (unsloth patches trl and transformers when imported before them)
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from ft.callbacks import StepClock
@@ -273,6 +274,15 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
         torch.cuda.reset_peak_memory_stats()
         clock = StepClock()  # steps timed with the GPU synchronized at both ends, as ft's own runs
 
+        class Progress(TrainerCallback):
+            """Writes the steps so far after each one: a run stopped by a time limit shows how far it got."""
+
+            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+                done = {"partial": True, "step_seconds": [round(s, 3) for s, _ in clock.steps],
+                        "step_tokens": [t for _, t in clock.steps],
+                        "after_seconds": round(clock.last_step_end - started, 1), "compiles": compile_counts()}
+                out.write_text(json.dumps({**results, point: done}))
+
         class CountingTrainer(SFTTrainer):
             def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
                 clock.tokens += int(inputs["attention_mask"].sum())
@@ -280,7 +290,7 @@ def plain_run(kind: str, work: Path, points: list[str], model: Path, out: Path) 
 
         trainer = CountingTrainer(
             model=fast, train_dataset=encoded_dataset(rows, processor), processing_class=processor.tokenizer,
-            callbacks=[clock],
+            callbacks=[clock, Progress()],
             data_collator=lambda items: collate_items(items, pad_token_id=processor.tokenizer.pad_token_id),
             # gradient_accumulation_steps given, as ft's recipes give it: unsloth's patched SFTConfig defaults to 2,
             # which made the 2026-12-03 mixed-set run take 8 rows a step (and go through the set twice)
@@ -377,7 +387,8 @@ def main() -> None:
     try:
         for path in args.paths:
             done = results.setdefault(path, {})
-            points = [p for p in args.points if args.remeasure or "error" in done.get(p, {"error": ""})]
+            points = [p for p in args.points
+                      if args.remeasure or "error" in done.get(p, {"error": ""}) or done[p].get("partial")]
             if path in PLAIN_PATHS:
                 if points:
                     run_plain(path, args.work, points, model, done)

@@ -1,10 +1,12 @@
-"""Shared fixtures: the tiny model, its processor, and a fast copy of the demo recipe."""
+"""Shared fixtures and helpers: the tiny model, its processor, the demo run, a fast copy of the demo recipe, and
+running the `ft` CLI in a fresh process."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,36 @@ DEMO_DATA = ROOT / "data" / "demo"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+Result = subprocess.CompletedProcess[str]
+
+
+def ft_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """The environment of an ft process: offline, no wandb, no colour codes (they would split the phrases tests look
+    for), this checkout's ft first on the path whatever the working folder; `env` on top (None removes a
+    variable)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    full: dict[str, str | None] = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "NO_COLOR": "1",
+                                   "FORCE_COLOR": None, "PYTHONPATH": path, **(env or {})}
+    return {key: value for key, value in full.items() if value is not None}
+
+
+def ft_command(*args: str) -> list[str]:
+    """The command line of `ft ARGS...`."""
+    return [sys.executable, "-m", "ft", *args]
+
+
+def run_ft(*args: str, cwd: Path = ROOT, env: Mapping[str, str | None] | None = None, timeout: int = 600) -> Result:
+    """Run the `ft` CLI in a fresh process, as a user would."""
+    return subprocess.run(ft_command(*args), capture_output=True, text=True, env=ft_env(env), cwd=cwd, timeout=timeout)
+
+
+def line_of(text: str, snippet: str) -> int:
+    """Number (from 1) of the first line of `text` holding `snippet`: where a recipe error must point."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if snippet in line:
+            return number
+    raise AssertionError(f"{snippet!r} not in\n{text}")
 
 
 @pytest.fixture(scope="session")
@@ -51,11 +83,3 @@ def write_recipe(path: Path, **sections: dict) -> Path:
         recipe.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def run_ft(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    """Run the `ft` CLI in a fresh process, as a user would."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "ft", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT
-    )

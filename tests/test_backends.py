@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_ft, write_recipe
+from conftest import line_of, run_ft, write_recipe
 
 from ft import backends
 from ft.errors import RecipeError
@@ -20,15 +20,12 @@ def recipe_with(tmp_path: Path, backend: str) -> Path:
     return write_recipe(tmp_path / "r.yaml", train={"backend": backend})
 
 
-def line_of(recipe: Path, key: str) -> int:
-    return next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if text.strip().startswith(f"{key}:"))
-
-
 def test_forced_unsloth_without_cuda_fails_naming_the_line(tmp_path: Path) -> None:
     recipe = recipe_with(tmp_path, "unsloth")
     result = run_ft("train", str(recipe), env={"CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode != 0
-    assert f"{recipe}:{line_of(recipe, 'backend')}: train.backend: unsloth needs a CUDA GPU" in result.stderr
+    line = line_of(recipe.read_text(), "backend:")
+    assert f"{recipe}:{line}: train.backend: unsloth needs a CUDA GPU" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
 
@@ -54,7 +51,8 @@ def test_cuda_without_a_working_unsloth(tmp_path: Path, monkeypatch: pytest.Monk
     assert (auto.name, auto.device) == ("hf", "cuda")
     assert auto.reason == "auto on CUDA, but unsloth cannot run here: importing it failed (ImportError: no xformers)"
     recipe = recipe_with(tmp_path, "unsloth")
-    with pytest.raises(RecipeError, match=rf"{recipe}:{line_of(recipe, 'backend')}: train.backend: unsloth cannot run"):
+    line = line_of(recipe.read_text(), "backend:")
+    with pytest.raises(RecipeError, match=rf"{recipe}:{line}: train.backend: unsloth cannot run"):
         backends.choose(load_recipe(recipe, []))
 
 

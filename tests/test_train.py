@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ft.callbacks import read_metrics
 from ft.data import load_rows
 from ft.encode import collate, encode_row
 from ft.tiny import build_tiny
-from conftest import DEMO_DATA, ROOT, run_ft
+from conftest import DEMO_DATA, ROOT, ft_command, ft_env, run_ft
 
 pytestmark = pytest.mark.slow
 DEMO = ROOT / "recipes" / "demo.yaml"
@@ -67,11 +66,10 @@ def test_saved_adapter_reproduces_the_reported_heldout_loss(demo_run):
 
 def test_killed_run_resumes_to_the_same_result(demo_run, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     # Training alone: the export and eval stages that follow it in the demo have their own resumability tests.
     stages = ("export=null", "eval=null")
-    args = [sys.executable, "-m", "ft", "train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", *stages]
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ft_command("train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", *stages)
+    process = subprocess.Popen(args, cwd=ROOT, env=ft_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = run / "checkpoints" / "checkpoint-45"
     deadline = time.time() + 300
     while not target.exists() and process.poll() is None and time.time() < deadline:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +21,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 Result = subprocess.CompletedProcess[str]
 
+# Code for `run_ft(..., after=REPORT_IMPORTS)`: ends stdout with the top-level packages the process imported, so a
+# test can tell what a command loaded (`imported`).
+REPORT_IMPORTS = """\
+import sys
+print("imported:", ",".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
 
 def ft_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
     """The environment of an ft process: offline, no wandb, no colour codes (they would split the phrases tests look
@@ -31,14 +39,27 @@ def ft_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
     return {key: value for key, value in full.items() if value is not None}
 
 
-def ft_command(*args: str) -> list[str]:
-    """The command line of `ft ARGS...`."""
-    return [sys.executable, "-m", "ft", *args]
+def ft_command(*args: str, after: str = "") -> list[str]:
+    """The command line of `ft ARGS...`; with `after`, through ft's console-script entry (as `python -m ft` runs
+    it) followed, in the same process and whether or not ft failed, by the Python code `after`."""
+    if not after:
+        return [sys.executable, "-m", "ft", *args]
+    script = f"from ft.cli import main\ntry:\n    main()\nfinally:\n{textwrap.indent(after, '    ')}"
+    return [sys.executable, "-c", script, *args]
 
 
-def run_ft(*args: str, cwd: Path = ROOT, env: Mapping[str, str | None] | None = None, timeout: int = 600) -> Result:
-    """Run the `ft` CLI in a fresh process, as a user would."""
-    return subprocess.run(ft_command(*args), capture_output=True, text=True, env=ft_env(env), cwd=cwd, timeout=timeout)
+def run_ft(*args: str, cwd: Path = ROOT, env: Mapping[str, str | None] | None = None, timeout: int = 600,
+           after: str = "") -> Result:
+    """Run the `ft` CLI in a fresh process, as a user would (`after`: see `ft_command`)."""
+    return subprocess.run(ft_command(*args, after=after), capture_output=True, text=True, env=ft_env(env), cwd=cwd,
+                          timeout=timeout)
+
+
+def imported(result: Result) -> set[str]:
+    """The top-level packages that a `run_ft(..., after=REPORT_IMPORTS)` process had imported when ft was done."""
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith("imported: "), result.stdout
+    return set(last.removeprefix("imported: ").split(","))
 
 
 def line_of(text: str, snippet: str) -> int:

@@ -126,8 +126,8 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     try:
         loaded = load_recipe(recipe, overrides)
         _check_recipe(loaded)
+        from ft.data_checks import load_data
         from ft.models import load_processor
-        from ft.train import load_data
 
         with loaded.blame("model.name"):
             processor = load_processor(loaded.model.name, loaded.data.image_soft_tokens)

@@ -38,7 +38,7 @@ from ft.atomic import remove_stale_temporaries, staged_dir, write_text
 from ft.backends import Backend, choose
 from ft.batching import LengthGroupedEpochSampler, padding_share
 from ft.callbacks import MetricsLog, RichProgress, StepClock, read_metrics
-from ft.data import Row, load_rows
+from ft.data_checks import load_data
 from ft.encode import collate_items, encoded_dataset
 from ft.lora import lora_modules
 from ft.loss import causal_lm_loss
@@ -47,7 +47,6 @@ from ft.models import load_config, load_processor
 from ft.plots import loss_curve
 from ft.recipe import Recipe
 from ft.rundir import clear
-from ft.validate import check_rows
 
 console = Console(stderr=True)
 # What ft writes into a run directory (the module docstring's list, wandb's offline run, and ft quantize's copies of
@@ -134,23 +133,6 @@ def prepare_run_dir(recipe: Recipe, resume_from: Path | None) -> Path:
     shutil.rmtree(run / "checkpoints" / ".staging", ignore_errors=True)
     write_text(run / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     return run
-
-
-def load_data(recipe: Recipe, processor: Any) -> tuple[list[Row], list[Row], list[int]]:
-    """Train and eval rows, every one checked, and the train rows' token lengths; errors about the files
-    themselves name the recipe key."""
-    loaded, lengths = [], []
-    for key in ("data.train", "data.eval"):
-        path = getattr(recipe.data, key.split(".")[1])
-        if path is None:
-            loaded.append([])
-            continue
-        with recipe.blame(key):
-            rows = load_rows(path)
-        measured = check_rows(rows, processor, recipe.data.max_seq_length, key.split(".")[1])
-        lengths = lengths or measured
-        loaded.append(rows)
-    return loaded[0], loaded[1], lengths
 
 
 def wandb_mode(setting: str) -> str:

@@ -6,6 +6,7 @@
     ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
     ft plan recipes/gemma4-12b-qlora.yaml [KEY.PATH=VALUE ...]
     ft schema > recipe.schema.json
+    ft --verbose COMMAND ...                   # also show the libraries' warnings and log messages
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.text import Text
 from ft import rundir
 from ft.errors import FtError
 from ft.preflight import check_recipe
+from ft.quiet import quiet_libraries
 from ft.recipe import Recipe
 from ft.recipe_io import load_recipe
 
@@ -33,6 +35,16 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_defaul
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="Recipe overrides such as train.lr=1e-4.", show_default=False)
 ]
+
+
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show the libraries' warnings and log messages "
+                                                             "(torch, transformers, bitsandbytes, ...).")] = False,
+) -> None:
+    """Options of every command."""
+    if not verbose:
+        quiet_libraries()  # before any command imports them
 
 
 def _fail(exc: FtError) -> None:

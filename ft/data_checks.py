@@ -75,7 +75,9 @@ def check_rows(rows: list[Row], processor: ProcessorMixin, max_seq_length: int, 
     """Encode every valid row to measure it; raise a DataError listing all bad rows. Returns token lengths."""
     min_side, max_pixels = image_limits(processor)
     lengths, warnings = [], []
-    for row in track(rows, description=f"check {label} data", console=console, transient=True):
+    # Off a terminal, a transient bar would leave only an empty line before ft's message.
+    for row in track(rows, description=f"check {label} data", console=console, transient=True,
+                     disable=not console.is_terminal):
         if not row.problems:
             warnings += check_image_sizes(row, min_side, max_pixels)
         if row.problems:

@@ -188,7 +188,7 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: Memory
         prediction_loss_only=True,  # held-out loss only: no logits gathered
         dataloader_num_workers=0,
         disable_tqdm=True,
-        log_level="warning",
+        log_level="passive",  # the Trainer keeps transformers' log level as the CLI set it (`ft.quiet`)
     )
 
 

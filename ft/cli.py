@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -64,6 +65,7 @@ def _check_recipe(recipe: Recipe, resume: bool = False) -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     recipe: RecipeArg,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
@@ -81,7 +83,7 @@ def train(
             backend = choose(loaded)  # imports unsloth, when it is the one, before trl and transformers load
             from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
 
-            summary = run_training(loaded, resume=resume, backend=backend)
+            summary = run_training(loaded, resume=resume, backend=backend, started_at=ctx.obj)
             err.print_json(json.dumps(summary))
             if loaded.export is not None:
                 from quantize.pipeline import export_run  # the first stage that loads llama.cpp
@@ -177,8 +179,12 @@ def schema() -> None:
 
 
 def main() -> None:
+    """The `ft` command (console script and `python -m ft`)."""
+    # ft's own start, handed to the commands: a shell that exec'ed ft ("pip install ... && ft train ...") gives it
+    # its process, so the process's creation time would count the shell's whole life.
+    started_at = time.time()
     try:
-        app()
+        app(obj=started_at)
     finally:
         # Interpreter teardown would run the cycle collector over every object torch, transformers and llama.cpp
         # imported (about 500,000): a second after "ok" on an idle 2-core machine, far longer on a loaded one.

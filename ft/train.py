@@ -26,7 +26,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 import yaml
 from rich.console import Console
@@ -193,7 +192,8 @@ def training_arguments(recipe: Recipe, device: str, has_eval: bool, plan: Memory
 
 
 def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, modules: list[str],
-              pad_share: float | None, plan: MemoryPlan | None, clock: StepClock, backend: Backend) -> dict[str, Any]:
+              pad_share: float | None, plan: MemoryPlan | None, clock: StepClock, backend: Backend,
+              started_at: float) -> dict[str, Any]:
     evals = [r for r in records if "eval_loss" in r]
     losses = [r for r in records if "loss" in r]
     summary: dict[str, Any] = {
@@ -212,18 +212,19 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
     if evals and evals[0]["eval_loss"]:
         summary["eval_loss_drop"] = 1.0 - evals[-1]["eval_loss"] / evals[0]["eval_loss"]
     summary["throughput"] = clock.throughput()
-    if clock.first_step_end is not None:  # from the process's start: imports, data checks and loading included
-        summary["first_step_after_seconds"] = round(clock.first_step_end - psutil.Process().create_time(), 1)
+    if clock.first_step_end is not None:  # from ft's start: imports, data checks and loading included
+        summary["first_step_after_seconds"] = round(clock.first_step_end - started_at, 1)
     if plan is not None:  # every CUDA run checks the planner: its estimate beside what the step really reserved
         summary["memory"] = {**plan.settings(), "planned_gib": round(plan.total_gib, 2),
                              "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     return summary
 
 
-def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None) -> dict[str, Any]:
+def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None, *, started_at: float) -> dict[str, Any]:
     """Run the training stage of a recipe that passed `ft.preflight` and whose run directory this process has
     claimed (`ft.rundir`); return the run's summary. `ft train` chooses the backend before importing this module
-    (unsloth must load before trl); without one, it is chosen here."""
+    (unsloth must load before trl); without one, it is chosen here. `started_at` is ft's start (time.time() at the
+    CLI's entry), from which summary.json counts the first step."""
     started = time.time()
     backend = backend or choose(recipe)
     device = backend.device
@@ -279,7 +280,7 @@ def train(recipe: Recipe, resume: bool = False, backend: Backend | None = None) 
         model.save_pretrained(tmp, save_embedding_layers=False)  # embeddings are never trained here
     records = read_metrics(run / "metrics.jsonl")
     loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
-    summary = summarize(recipe, records, time.time() - started, modules, pad_share, plan, clock, backend)
+    summary = summarize(recipe, records, time.time() - started, modules, pad_share, plan, clock, backend, started_at)
     write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

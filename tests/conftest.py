@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "data" / "demo"
+# Seconds the shell that starts the demo's ft spends before exec'ing it: more than what a busy machine puts between the
+# end of the first step and the sight of its loss (interpreter start, four batches' data), so that a first-step time
+# counted from the shell's start is caught (tests/test_train.py).
+DEMO_SHELL_SLEEP = 10.0
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -83,14 +89,52 @@ def processor(tiny):
     return tiny[1]
 
 
+@dataclass(frozen=True)
+class Demo:
+    """The demo's run directory, and two moments (time.time()) that bound its first training step from outside."""
+
+    run: Path
+    ft_not_before: float  # the exec'ing shell's sleep had ended: ft cannot have started earlier
+    first_loss_seen: float  # metrics.jsonl held a training loss: the first step had ended
+
+
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> Path:
-    """The README's demo, once per session: train, export (ft quantize) and evaluate (ft eval) the tiny model."""
-    run = tmp_path_factory.mktemp("demo") / "run"
-    result = run_ft("train", str(ROOT / "recipes" / "demo.yaml"), f"output.dir={run}", "logging.wandb=offline")
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return run
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    """The README's demo, once per session: train, export (ft quantize) and evaluate (ft eval) the tiny model.
+
+    ft starts as the README's command starts it, exec'ed by a shell that did other work first (a sleep here), and
+    metrics.jsonl is watched for the first logged training loss, so a test can check what summary.json says of the
+    first step against the wall clock.
+    """
+    folder = tmp_path_factory.mktemp("demo")
+    run = folder / "run"
+    command = ft_command("train", str(ROOT / "recipes" / "demo.yaml"), f"output.dir={run}", "logging.wandb=offline")
+    shell = ["bash", "-c", f'sleep {DEMO_SHELL_SLEEP}; exec "$@"', "bash", *command]
+    metrics, first_loss_seen = run / "metrics.jsonl", None
+    with open(folder / "stderr.txt", "w+") as stderr:
+        started = time.time()
+        # A hung run fails instead of hanging the tests; the limit is far above the demo's time on a loaded machine.
+        deadline = started + DEMO_SHELL_SLEEP + 1800
+        process = subprocess.Popen(shell, cwd=ROOT, env=ft_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            while first_loss_seen is None and process.poll() is None and time.time() < deadline:
+                if metrics.is_file() and '"loss"' in metrics.read_text():  # step 0's line holds only "eval_loss"
+                    first_loss_seen = time.time()
+                time.sleep(0.05)
+            process.wait(timeout=max(deadline - time.time(), 0))
+        finally:
+            process.kill()  # nothing to do once it has exited
+        stderr.seek(0)
+        errors = stderr.read()
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
+    assert first_loss_seen is not None, "the demo finished before its first loss was seen"
+    return Demo(run, started + DEMO_SHELL_SLEEP, first_loss_seen)
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo: Demo) -> Path:
+    return demo.run
 
 
 def write_recipe(path: Path, **sections: dict) -> Path:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from transformers import TrainerCallback
 
@@ -244,7 +245,7 @@ def main() -> None:
         from ft.train import train
 
         profiler = StepProfiler(args.warmup + 1, args.profiled, args.trace, args.switches)
-        summary = train(recipe, backend, callbacks=[profiler])
+        summary = train(recipe, backend, callbacks=[profiler], started_at=psutil.Process().create_time())
     result = {"tokens": args.tokens, "backend": backend.name, "overrides": args.set, "summary_throughput": summary["throughput"],
               "memory": summary.get("memory"), "steps": profiler.steps, "profile": profiler.profile}
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}

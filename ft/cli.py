@@ -6,6 +6,7 @@
     ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
     ft plan recipes/gemma4-12b-qlora.yaml [KEY.PATH=VALUE ...]
     ft schema > recipe.schema.json
+    ft --verbose COMMAND ...                   # also show the libraries' warnings and log messages
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +25,7 @@ from rich.text import Text
 from ft import rundir
 from ft.errors import FtError
 from ft.preflight import check_recipe
+from ft.quiet import quiet_libraries
 from ft.recipe import Recipe
 from ft.recipe_io import load_recipe
 
@@ -33,6 +36,16 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_defaul
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="Recipe overrides such as train.lr=1e-4.", show_default=False)
 ]
+
+
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show the libraries' warnings and log messages "
+                                                             "(torch, transformers, bitsandbytes, ...).")] = False,
+) -> None:
+    """Options of every command."""
+    if not verbose:
+        quiet_libraries()  # before any command imports them
 
 
 def _fail(exc: FtError) -> None:
@@ -52,6 +65,7 @@ def _check_recipe(recipe: Recipe, resume: bool = False) -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     recipe: RecipeArg,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
@@ -69,7 +83,7 @@ def train(
             backend = choose_backend(loaded, this_machine())  # imports unsloth, when it is the one, before trl
             from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
 
-            summary = run_training(loaded, backend, resume=resume)
+            summary = run_training(loaded, backend, resume=resume, started_at=ctx.obj)
             err.print_json(json.dumps(summary))
             if loaded.export is not None:
                 from quantize.pipeline import export_run  # the first stage that loads llama.cpp
@@ -126,8 +140,8 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     try:
         loaded = load_recipe(recipe, overrides)
         _check_recipe(loaded)
+        from ft.data_checks import load_data
         from ft.models import load_processor
-        from ft.train import load_data
 
         with loaded.blame("model.name"):
             processor = load_processor(loaded.model.name, loaded.data.image_soft_tokens)
@@ -163,8 +177,12 @@ def schema() -> None:
 
 
 def main() -> None:
+    """The `ft` command (console script and `python -m ft`)."""
+    # ft's own start, handed to the commands: a shell that exec'ed ft ("pip install ... && ft train ...") gives it
+    # its process, so the process's creation time would count the shell's whole life.
+    started_at = time.time()
     try:
-        app()
+        app(obj=started_at)
     finally:
         # Interpreter teardown would run the cycle collector over every object torch, transformers and llama.cpp
         # imported (about 500,000): a second after "ok" on an idle 2-core machine, far longer on a loaded one.

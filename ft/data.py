@@ -2,7 +2,9 @@
 
 A row is `{"messages": [{"role": ..., "content": [parts]}]}`; a part is `{"type": "text", "text": ...}`,
 `{"type": "image", "path": ...}` or `{"type": "audio", "path": ...}`, paths relative to the data file's folder.
-Content may also be a plain string. Every problem in every row is collected before anything trains.
+Content may also be a plain string. Every problem in every row is collected before anything trains; the checks
+that need the model's processor (image sizes, token length) and the loading of a recipe's data are in
+`ft.data_checks`.
 
     >>> rows = load_rows(Path("data/demo/train.jsonl"))
     >>> rows[0].where
@@ -143,7 +145,7 @@ def _check_image(path: Path) -> list[str]:
     try:
         with Image.open(path) as image:
             image.verify()
-    except Image.DecompressionBombError as exc:  # far beyond any image size that ft warns about (ft.validate)
+    except Image.DecompressionBombError as exc:  # far beyond any image size that ft warns about (ft.data_checks)
         return [f"image {path.name} is too large to open ({exc})"]
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         return [f"unreadable image {path.name} ({exc})"]

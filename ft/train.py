@@ -27,7 +27,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 import yaml
 from rich.console import Console
@@ -39,7 +38,7 @@ from ft import backends
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
 from ft.batching import LengthGroupedEpochSampler, padding_share
 from ft.callbacks import MetricsLog, RichProgress, StepClock, read_metrics
-from ft.data import Row, load_rows
+from ft.data_checks import load_data
 from ft.encode import collate_items, encoded_dataset
 from ft.lora import lora_modules
 from ft.loss import causal_lm_loss
@@ -48,7 +47,6 @@ from ft.plots import loss_curve
 from ft.recipe import Recipe
 from ft.resolve import Backend, Settings, resolve
 from ft.rundir import clear
-from ft.validate import check_rows
 
 console = Console(stderr=True)
 # What ft writes into a run directory (the module docstring's list, wandb's offline run, and ft quantize's copies of
@@ -137,23 +135,6 @@ def prepare_run_dir(recipe: Recipe, resume_from: Path | None) -> Path:
     return run
 
 
-def load_data(recipe: Recipe, processor: Any) -> tuple[list[Row], list[Row], list[int]]:
-    """Train and eval rows, every one checked, and the train rows' token lengths; errors about the files
-    themselves name the recipe key."""
-    loaded, lengths = [], []
-    for key in ("data.train", "data.eval"):
-        path = getattr(recipe.data, key.split(".")[1])
-        if path is None:
-            loaded.append([])
-            continue
-        with recipe.blame(key):
-            rows = load_rows(path)
-        measured = check_rows(rows, processor, recipe.data.max_seq_length, key.split(".")[1])
-        lengths = lengths or measured
-        loaded.append(rows)
-    return loaded[0], loaded[1], lengths
-
-
 def training_arguments(recipe: Recipe, settings: Settings, has_eval: bool) -> SFTConfig:
     """The Trainer's arguments: the recipe's train section, with checkpointing, offloading, precision and wandb as
     resolved (`ft.resolve`)."""
@@ -199,12 +180,12 @@ def training_arguments(recipe: Recipe, settings: Settings, has_eval: bool) -> SF
         prediction_loss_only=True,  # held-out loss only: no logits gathered
         dataloader_num_workers=0,
         disable_tqdm=True,
-        log_level="warning",
+        log_level="passive",  # the Trainer keeps transformers' log level as the CLI set it (`ft.quiet`)
     )
 
 
 def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, modules: list[str],
-              pad_share: float | None, clock: StepClock, settings: Settings) -> dict[str, Any]:
+              pad_share: float | None, clock: StepClock, settings: Settings, started_at: float) -> dict[str, Any]:
     evals = [r for r in records if "eval_loss" in r]
     losses = [r for r in records if "loss" in r]
     summary: dict[str, Any] = {
@@ -224,21 +205,22 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
     if evals and evals[0]["eval_loss"]:
         summary["eval_loss_drop"] = 1.0 - evals[-1]["eval_loss"] / evals[0]["eval_loss"]
     summary["throughput"] = clock.throughput()
-    if clock.first_step_end is not None:  # from the process's start: imports, data checks and loading included
-        started = psutil.Process().create_time()
-        summary["first_step_after_seconds"] = round(clock.first_step_end - started, 1)
-        summary["last_step_after_seconds"] = round(clock.last_step_end - started, 1)
+    if clock.first_step_end is not None:  # from ft's start: imports, data checks and loading included
+        summary["first_step_after_seconds"] = round(clock.first_step_end - started_at, 1)
+        summary["last_step_after_seconds"] = round(clock.last_step_end - started_at, 1)
     if settings.plan is not None:  # every CUDA run checks the planner: its estimate beside what the step reserved
         summary["memory"] = {**settings.plan.as_dict(),
                              "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     return summary
 
 
-def train(recipe: Recipe, backend: Backend, resume: bool = False,
-          callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
+def train(recipe: Recipe, backend: Backend, resume: bool = False, callbacks: Sequence[TrainerCallback] = (), *,
+          started_at: float) -> dict[str, Any]:
     """Run the training stage of a recipe that passed `ft.preflight` and whose run directory this process has
     claimed (`ft.rundir`) on the backend `ft.resolve.choose_backend` chose before this module imported trl (unsloth
-    must load first); return the run's summary. `callbacks` are extra Trainer callbacks (a benchmark's profiler)."""
+    must load first); return the run's summary. `started_at` is ft's start (time.time() at the CLI's entry), from
+    which summary.json counts the first and last steps; `callbacks` are extra Trainer callbacks (a benchmark's
+    profiler)."""
     started = time.time()
     last_checkpoint = checkpoint_to_resume(recipe, resume)
     set_seed(recipe.train.seed)
@@ -284,7 +266,7 @@ def train(recipe: Recipe, backend: Backend, resume: bool = False,
         model.save_pretrained(tmp, save_embedding_layers=False)  # embeddings are never trained here
     records = read_metrics(run / "metrics.jsonl")
     loss_curve(records, run / "loss.png", f"{recipe.model.name}: {run.name}")
-    summary = summarize(recipe, records, time.time() - started, modules, pad_share, clock, settings)
+    summary = summarize(recipe, records, time.time() - started, modules, pad_share, clock, settings, started_at)
     write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,32 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from conftest import DEMO_DATA, ROOT, Result, line_of, run_ft
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "data" / "demo"
-DEMO_IMAGE = DEMO / "images" / "heldout_0002.png"
-DEMO_AUDIO = DEMO / "audio" / "train_0001.wav"
+DEMO_IMAGE = DEMO_DATA / "images" / "heldout_0002.png"
+DEMO_AUDIO = DEMO_DATA / "audio" / "train_0001.wav"
 RECIPE = "recipe.yaml"
-
-Result = subprocess.CompletedProcess[str]
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def ft_env() -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "NO_COLOR": "1"}
-    env.pop("FORCE_COLOR", None)  # colour codes would split the phrases looked for
-    return env
-
-
-def run_ft(*args: str, cwd: Path, timeout: int = 300, env: tuple[tuple[str, str], ...] = ()) -> Result:
-    full = ft_env() | dict(env)
-    full = {k: v for k, v in full.items() if v}
-    return subprocess.run(
-        [sys.executable, "-m", "ft", *args], capture_output=True, text=True, env=full, cwd=cwd, timeout=timeout
-    )
 
 
 def shown(result: Result) -> str:
@@ -110,10 +91,7 @@ def edit(*pairs: str, base: str = BASE) -> str:
 
 def at(snippet: str, text: str) -> str:
     """`recipe.yaml:LINE:` of the first line of `text` holding `snippet` (the colon keeps :1 from matching :12)."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if snippet in line:
-            return f"{RECIPE}:{number}:"
-    raise AssertionError(f"{snippet!r} not in recipe text")
+    return f"{RECIPE}:{line_of(text, snippet)}:"
 
 
 def user(*parts: object) -> dict:
@@ -259,7 +237,7 @@ class SlowCase:
     setup: Callable[[Path], list[list[str]]]  # writes files into its folder; returns the ft command lines to run
     needles: tuple[str, ...] = ()
     any_of: tuple[tuple[str, ...], ...] = ()
-    env: tuple[tuple[str, str], ...] = ()  # on top of ft_env(); an empty value removes the variable
+    env: tuple[tuple[str, str | None], ...] = ()  # on top of conftest's ft_env(); None removes the variable
 
 
 def recipe_with(folder: Path, text: str, command: str = "validate") -> list[list[str]]:
@@ -338,7 +316,7 @@ SLOW_CASES = [
              ("'someorg/some-model-that-is-not-cached'", "not in the Hugging Face cache", "hub cannot be reached",
               "hub.ft-test.invalid:443"), (MODEL_PLACE,),
              env=(("HF_HUB_OFFLINE", "0"), ("HF_ENDPOINT", "https://hub.ft-test.invalid"),
-                  *((v, "") for v in os.environ if v.lower().endswith("_proxy")))),
+                  *((v, None) for v in os.environ if v.lower().endswith("_proxy")))),
     SlowCase("model-config-not-json", _model("{folder}/model", config="{oops"), ("config.json",),
              (MODEL_PLACE, ("not valid JSON", "cannot read", "invalid"))),
     SlowCase("model-dir-without-processor-files", _model("{folder}/model", config='{"model_type": "gemma4_unified"}'),
@@ -493,7 +471,7 @@ class Jobs:
 
     @staticmethod
     def _run(case: SlowCase, folder: Path) -> list[Result]:
-        return [run_ft(*command, cwd=folder, env=case.env) for command in case.setup(folder)]
+        return [run_ft(*command, cwd=folder, env=dict(case.env)) for command in case.setup(folder)]
 
     def results(self, case: SlowCase) -> list[Result]:
         self.start(case)

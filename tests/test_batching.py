@@ -16,7 +16,7 @@ from PIL import Image
 from ft.batching import LengthGroupedEpochSampler, padding_share
 from ft.data import load_rows
 from ft.tiny import tiny_processor
-from ft.validate import check_rows
+from ft.data_checks import check_rows
 
 BATCH = 8
 WORDS = ["the", "a", "lighthouse", "keeper", "storm", "wave", "light", "ship", "rock", "night", "sea", "wind", "rain",

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_ft, write_recipe
+from conftest import ROOT, line_of, run_ft, write_recipe
 
 from bench.shapes import config_12b
 from ft.lora import apply_lora
@@ -129,7 +129,7 @@ def test_plan_refuses_a_recipe_over_budget(tmp_path: Path, config_dir_12b: Path)
                                  "gradient_checkpointing": True})
     result = run_ft("plan", str(recipe))
     assert result.returncode == 2, result.stderr
-    line = next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if "memory_budget_gb" in text)
+    line = line_of(recipe.read_text(), "memory_budget_gb")
     assert f"{recipe}:{line}: train.memory_budget_gb" in result.stderr
     assert "16.2 GiB" in result.stderr and "layer being recomputed (16384 tokens)" in result.stderr
     assert "train.backend=hf fits: ft's own path plans 14.2 GiB for this step" in result.stderr

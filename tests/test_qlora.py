@@ -23,8 +23,9 @@ from ft.tiny import build_tiny
 TINY = "tiny-random:gemma4-unified"
 
 
-@pytest.fixture(scope="module")
-def nf4_model():
+@pytest.fixture
+def nf4_model() -> nn.Module:
+    """A fresh NF4 tiny model for each test: tests change it (LoRA layers, train mode), and none may see another's."""
     return load_model(TINY, "float32", "cpu", quantization="nf4")
 
 

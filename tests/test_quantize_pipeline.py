@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +21,7 @@ import yaml
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, LlamaFileType
 
-from conftest import ROOT, run_ft
+from conftest import ROOT, ft_command, ft_env, run_ft
 from ft.errors import RecipeError
 from ft.recipe_io import load_recipe
 from ft.rundir import LOCK
@@ -163,10 +161,9 @@ def test_rerun_skips_every_file_and_changes_nothing(exported: Path) -> None:
 
 def start_and_kill_mid_quant(trained: Path, tmp_path: Path, attempts: int = 5) -> tuple[Path, str]:
     """`ft quantize` on fresh copies of `trained`, SIGKILLed once a quantized GGUF is half written."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     for attempt in range(attempts):
         run = copy_run(trained, tmp_path / f"attempt{attempt}", export=False)
-        process = subprocess.Popen([sys.executable, "-m", "ft", "quantize", str(run)], cwd=ROOT, env=env,
+        process = subprocess.Popen(ft_command("quantize", str(run)), cwd=ROOT, env=ft_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while process.poll() is None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_ft, write_recipe
+from conftest import line_of, run_ft, write_recipe
 
 from ft import resolve
 from ft.errors import RecipeError
@@ -24,15 +24,12 @@ def recipe_with(tmp_path: Path, backend: str, **train: object) -> Path:
     return write_recipe(tmp_path / "r.yaml", train={"backend": backend, **train})
 
 
-def line_of(recipe: Path, key: str) -> int:
-    return next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if text.strip().startswith(f"{key}:"))
-
-
 def test_forced_unsloth_without_cuda_fails_naming_the_line(tmp_path: Path) -> None:
     recipe = recipe_with(tmp_path, "unsloth")
     result = run_ft("train", str(recipe), env={"CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode != 0
-    assert f"{recipe}:{line_of(recipe, 'backend')}: train.backend: unsloth needs a CUDA GPU" in result.stderr
+    line = line_of(recipe.read_text(), "backend:")
+    assert f"{recipe}:{line}: train.backend: unsloth needs a CUDA GPU" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
 
@@ -45,7 +42,7 @@ def test_header_and_summary_print_the_resolved_settings(demo_run: Path) -> None:
     settings = resolve.resolve(recipe, choose_backend(recipe, resolve.this_machine()), step)
     assert summary["settings"] == settings.as_dict()
     assert (summary["backend"], summary["backend_reason"]) == (settings.backend, settings.backend_reason)
-    printed = " ".join((demo_run.parent / "ft.stderr").read_text().split())  # rich wraps lines at its width
+    printed = " ".join((demo_run.parent / "stderr.txt").read_text().split())  # rich wraps lines at its width
     assert " ".join(settings.header().split()) in printed
     if settings.device == "cpu":
         assert summary["settings"] == {
@@ -69,7 +66,8 @@ def test_cuda_without_a_working_unsloth(tmp_path: Path) -> None:
     assert (auto.name, auto.device) == ("hf", "cuda")
     assert auto.reason == "auto on CUDA, but unsloth cannot run here: importing it failed (ImportError: no xformers)"
     recipe = recipe_with(tmp_path, "unsloth")
-    with pytest.raises(RecipeError, match=rf"{recipe}:{line_of(recipe, 'backend')}: train.backend: unsloth cannot run"):
+    line = line_of(recipe.read_text(), "backend:")
+    with pytest.raises(RecipeError, match=rf"{recipe}:{line}: train.backend: unsloth cannot run"):
         choose_backend(load_recipe(recipe, []), machine)
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ft.callbacks import read_metrics
 from ft.data import load_rows
 from ft.encode import collate, encode_row
 from ft.tiny import build_tiny
-from conftest import DEMO_DATA, ROOT, run_ft
+from conftest import DEMO_DATA, ROOT, Demo, ft_command, ft_env, run_ft
 
 pytestmark = pytest.mark.slow
 DEMO = ROOT / "recipes" / "demo.yaml"
@@ -29,6 +28,18 @@ DEMO = ROOT / "recipes" / "demo.yaml"
 def test_demo_learns(demo_run):
     summary = json.loads((demo_run / "summary.json").read_text())
     assert summary["eval_loss_last"] <= 0.7 * summary["eval_loss_first"], summary
+
+
+def test_first_step_is_timed_from_fts_own_start(demo: Demo):
+    """The demo's ft was exec'ed by a shell that slept first, as `bash -c "pip install ... && ft train ..."` runs it;
+    the shell's life is not ft's. Counted from ft's start, the first step ended no later than the moment its first
+    logged loss was seen less the steps that ran in between, and ft started no earlier than the sleep's end; counted
+    from the shell's start, the figure would hold the sleep too."""
+    summary = json.loads((demo.run / "summary.json").read_text())
+    logged = next(record["step"] for record in read_metrics(demo.run / "metrics.jsonl") if "loss" in record)
+    first_step_end = demo.first_loss_seen - sum(summary["throughput"]["step_seconds"][1:logged])  # at the latest
+    bound = first_step_end - demo.ft_not_before + 0.06  # summary.json rounds to 0.1 s and each step to 1 ms
+    assert 0 < summary["first_step_after_seconds"] <= bound, (summary["first_step_after_seconds"], bound)
 
 
 def test_run_directory_is_complete(demo_run):
@@ -67,11 +78,10 @@ def test_saved_adapter_reproduces_the_reported_heldout_loss(demo_run):
 
 def test_killed_run_resumes_to_the_same_result(demo_run, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     # Training alone: the export and eval stages that follow it in the demo have their own resumability tests.
     stages = ("export=null", "eval=null")
-    args = [sys.executable, "-m", "ft", "train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", *stages]
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ft_command("train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", *stages)
+    process = subprocess.Popen(args, cwd=ROOT, env=ft_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = run / "checkpoints" / "checkpoint-45"
     deadline = time.time() + 300
     while not target.exists() and process.poll() is None and time.time() < deadline:

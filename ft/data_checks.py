@@ -1,6 +1,9 @@
-"""Check a recipe's data before any training: every row's shape, media files, image sizes and token length.
+"""A recipe's data, loaded and checked before any training: `load_data` is what `ft validate` and `ft train` call.
 
-All problems of all rows are collected and raised as one error, so a user fixes a dataset in one pass.
+`ft.data` reads the rows and checks their shape and media files; here every row that passed is encoded with the
+model's processor to check what only the processor knows: image sizes and token length. All problems of all rows are
+collected and raised as one error, so a user fixes a dataset in one pass. Nothing here imports trl, so
+`ft validate` stays a data check, not a trainer start.
 
 Image sizes follow the image processor (transformers' Gemma4UnifiedImageProcessor), which resizes every image, up or
 down with its aspect ratio kept, to fit `data.image_soft_tokens` soft tokens of pooling x pooling patches of
@@ -19,12 +22,29 @@ from rich.progress import track
 from rich.text import Text
 from transformers import ProcessorMixin
 
-from ft.data import MAX_LISTED_PROBLEMS, Row, raise_if_problems
+from ft.data import MAX_LISTED_PROBLEMS, Row, load_rows, raise_if_problems
 from ft.encode import length_of
-from ft.recipe import IMAGE_SOFT_TOKENS
+from ft.recipe import IMAGE_SOFT_TOKENS, Recipe
 
 console = Console(stderr=True)
 LARGE_IMAGE_FACTOR = 16
+
+
+def load_data(recipe: Recipe, processor: ProcessorMixin) -> tuple[list[Row], list[Row], list[int]]:
+    """Train and eval rows, every one checked, and the train rows' token lengths; errors about the files
+    themselves name the recipe key."""
+    loaded, lengths = [], []
+    for key in ("data.train", "data.eval"):
+        path = getattr(recipe.data, key.split(".")[1])
+        if path is None:
+            loaded.append([])
+            continue
+        with recipe.blame(key):
+            rows = load_rows(path)
+        measured = check_rows(rows, processor, recipe.data.max_seq_length, key.split(".")[1])
+        lengths = lengths or measured
+        loaded.append(rows)
+    return loaded[0], loaded[1], lengths
 
 
 def image_limits(processor: ProcessorMixin) -> tuple[int, int]:
@@ -55,7 +75,9 @@ def check_rows(rows: list[Row], processor: ProcessorMixin, max_seq_length: int, 
     """Encode every valid row to measure it; raise a DataError listing all bad rows. Returns token lengths."""
     min_side, max_pixels = image_limits(processor)
     lengths, warnings = [], []
-    for row in track(rows, description=f"check {label} data", console=console, transient=True):
+    # Off a terminal, a transient bar would leave only an empty line before ft's message.
+    for row in track(rows, description=f"check {label} data", console=console, transient=True,
+                     disable=not console.is_terminal):
         if not row.problems:
             warnings += check_image_sizes(row, min_side, max_pixels)
         if row.problems:

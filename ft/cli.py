@@ -78,9 +78,11 @@ def train(
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
         with held:
-            from ft.resolve import choose_backend, this_machine
+            from ft.data import count_rows
+            from ft.resolve import choose_backend, optimizer_steps, this_machine
 
-            backend = choose_backend(loaded, this_machine())  # imports unsloth, when it is the one, before trl
+            steps = optimizer_steps(loaded, count_rows(loaded.data.train))
+            backend = choose_backend(loaded, this_machine(), steps)  # imports unsloth, if it is the one, before trl
             from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
 
             summary = run_training(loaded, backend, resume=resume, started_at=ctx.obj)

@@ -103,6 +103,34 @@ def _read_table(path: Path) -> list[Row]:
     return [Row(_strip_nulls(r["messages"]), f"{path}:row {i}", base) for i, r in enumerate(table)]
 
 
+def count_rows(path: Path) -> int | None:
+    r"""How many rows a data file holds, read cheaply (the lines of a JSONL file, a parquet file's or a datasets
+    folder's metadata), for a decision made before the rows load (`ft.resolve`); None where it cannot tell.
+
+    >>> import tempfile
+    >>> data = Path(tempfile.mkdtemp()) / "train.jsonl"
+    >>> _ = data.write_text('{"messages": []}\n\n{"messages": []}\n')
+    >>> count_rows(data), count_rows(data.with_name("missing.jsonl"))
+    (2, None)
+    """
+    try:
+        if path.is_dir():
+            import datasets
+
+            table = datasets.load_from_disk(str(path))
+            return table.num_rows if isinstance(table, datasets.Dataset) else None
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows
+        if path.suffix in (".jsonl", ".json"):
+            with path.open("rb") as f:
+                return sum(1 for line in f if line.strip())
+    except Exception:  # unreadable data is reported when the rows load (`load_rows`), naming the file and line
+        return None
+    return None
+
+
 def load_rows(path: Path) -> list[Row]:
     """Read every row of a data file; format problems are attached to rows, not raised."""
     if not path.exists():

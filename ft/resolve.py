@@ -8,9 +8,10 @@ imports unsloth when unsloth is the one); `resolve` then settles the rest once t
 rows, since a CUDA run's MLP tiling and memory budget depend on the longest micro-batch. `ft plan` makes the same two
 calls for `CUDA_WITH_UNSLOTH`, the machine a recipe's plan is for, from any machine.
 
-- backend: `hf` anywhere; `unsloth` on CUDA only. `auto` is unsloth on CUDA where it imports and a micro-batch of the
-  recipe's longest rows (`train.batch_size` x `data.max_seq_length`) is at most `UNSLOTH_STEP_TOKENS` tokens, hf
-  elsewhere.
+- backend: `hf` anywhere; `unsloth` on CUDA only. `auto` is unsloth on CUDA where it imports, a micro-batch of the
+  recipe's longest rows (`train.batch_size` x `data.max_seq_length`) is at most `UNSLOTH_STEP_TOKENS` tokens and the
+  run is longer than `UNSLOTH_MIN_STEPS` optimizer steps (counted from the data file before anything loads), hf
+  elsewhere. A run on unsloth says in its reason that it waits for unsloth's compilation.
 - dtype: `auto` is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow and imprecise).
 - quantization: `auto` is nf4 (QLoRA) on CUDA, where memory is the limit, and none elsewhere (exact and faster on a
   CPU).
@@ -29,6 +30,8 @@ calls for `CUDA_WITH_UNSLOTH`, the machine a recipe's plan is for, from any mach
     >>> steps = [(4096, 1), (8192, 1), (4096, 4)]  # (data.max_seq_length, train.batch_size)
     >>> [choose_backend(recipe(rows, batch), CUDA_WITH_UNSLOTH).name for rows, batch in steps]
     ['unsloth', 'hf', 'hf']
+    >>> [choose_backend(recipe(4096, 1), CUDA_WITH_UNSLOTH, steps).name for steps in (64, 1000)]
+    ['hf', 'unsloth']
     >>> cpu = resolve(recipe(4096, 1), choose_backend(recipe(4096, 1), Machine("cpu", _unsloth_problem)))
     >>> cpu.backend, cpu.backend_reason, cpu.dtype, cpu.quantization, cpu.tiled_mlp, cpu.plan
     ('hf', 'auto on a machine without CUDA', 'float32', 'none', False, None)
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -56,6 +60,13 @@ Device = Literal["cuda", "cpu"]
 # padded width; hf's fixed cost a step is spread over more tokens), so the bound is on the step's tokens, not the
 # row's. Measured in docs/BENCHMARKS.md, "Training backends at the Gemma 4 12B shape".
 UNSLOTH_STEP_TOKENS = 6144
+# auto's fewest optimizer steps for unsloth: it compiles its kernels before its first step, which comes minutes after
+# start on a fresh machine where ft's own path starts in well under a minute, and over a short run its faster steps
+# never win that time back (a 64-step epoch of varied rows: ft's path finished long before unsloth did). Measured in
+# docs/BENCHMARKS.md, "Training speed on users' data"; past this many steps unsloth's steps are the faster bet.
+UNSLOTH_MIN_STEPS = 100
+UNSLOTH_WAIT = ("unsloth compiles its kernels before the first step: minutes on a fresh machine, less once its "
+                "compile cache is warm (docs/BENCHMARKS.md#training-speed-on-users-data)")
 
 
 @dataclass(frozen=True)
@@ -112,10 +123,28 @@ class Settings:
         return line
 
 
-def choose_backend(recipe: Recipe, machine: Machine) -> Backend:
-    """The backend and device a run of the recipe uses on `machine`. Where unsloth may be the one, asking the machine
-    imports it, so `ft train` calls this before importing `ft.train` (and with it trl); an import failure is the
-    reason auto gives for hf, and a RecipeError when the recipe asks for unsloth."""
+def optimizer_steps(recipe: Recipe, rows: int | None) -> int | None:
+    """The optimizer steps a run of `rows` training rows takes (train.max_steps where set); None when unknown.
+
+    >>> from ft.recipe import Recipe
+    >>> r = Recipe.model_validate({"model": {"name": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "o"},
+    ...                            "train": {"batch_size": 4, "grad_accum": 2, "epochs": 3}})
+    >>> optimizer_steps(r, 100), optimizer_steps(r, None)  # 25 micro-batches an epoch, 12 steps of 2
+    (36, None)
+    """
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    if rows is None:
+        return None
+    return math.ceil(t.epochs * max(math.ceil(rows / t.batch_size) // t.grad_accum, 1))
+
+
+def choose_backend(recipe: Recipe, machine: Machine, steps: int | None = None) -> Backend:
+    """The backend and device a run of the recipe uses on `machine`, for a run of `steps` optimizer steps (None: a
+    long run, as `ft plan` assumes). Where unsloth may be the one, asking the machine imports it, so `ft train` calls
+    this before importing `ft.train` (and with it trl); an import failure is the reason auto gives for hf, and a
+    RecipeError when the recipe asks for unsloth."""
     device, setting = machine.device, recipe.train.backend
     if setting == "hf":
         return Backend("hf", device, "the recipe asks for hf")
@@ -128,10 +157,15 @@ def choose_backend(recipe: Recipe, machine: Machine) -> Backend:
     step = f"auto on CUDA with micro-batches up to {batch * rows} tokens ({batch} x {rows})"
     if setting == "auto" and batch * rows > UNSLOTH_STEP_TOKENS:
         return Backend("hf", device, f"{step}, where ft's own path is faster than unsloth (past {UNSLOTH_STEP_TOKENS})")
+    if setting == "auto" and steps is not None and steps <= UNSLOTH_MIN_STEPS:
+        return Backend("hf", device, f"auto on CUDA for a run of {steps} optimizer steps, too few for unsloth's faster "
+                                     f"steps to win back its compile wait (up to {UNSLOTH_MIN_STEPS})")
     problem = machine.unsloth_problem()
     if problem is None:
-        return Backend("unsloth", device, "the recipe asks for unsloth" if setting == "unsloth" else
-                       f"{step}, where unsloth is the faster (up to {UNSLOTH_STEP_TOKENS})")
+        chosen = ("the recipe asks for unsloth" if setting == "unsloth" else
+                  f"{step}, where unsloth is the faster (up to {UNSLOTH_STEP_TOKENS}) over "
+                  f"{'a long run' if steps is None else f'{steps} optimizer steps'}")
+        return Backend("unsloth", device, f"{chosen}; {UNSLOTH_WAIT}")
     if setting == "unsloth":
         raise RecipeError(f"{recipe.where('train.backend')}: unsloth cannot run here: {problem}; use hf (or auto)")
     return Backend("hf", device, f"auto on CUDA, but unsloth cannot run here: {problem}")

@@ -26,7 +26,7 @@ import torch
 import yaml
 from conftest import run_ft, write_recipe
 
-from ft.resolve import UNSLOTH_STEP_TOKENS
+from ft.resolve import UNSLOTH_WAIT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
@@ -56,14 +56,13 @@ def test_gpu_loss_curve_matches_cpu(tmp_path: Path, checkpointing: bool) -> None
 
 
 def test_unsloth_backend_trains_as_the_hf_backend_does(tmp_path: Path) -> None:
-    """The same recipe through the hf backend and through auto, which picks unsloth for the demo's small batches and
-    says so (NF4 base, the demo's text, image and audio rows): the same first-step loss within 1% (the LoRA starts
+    """The same recipe through the hf backend and through unsloth, which says it waits for its compilation (NF4 base, the demo's text, image and audio rows): the same first-step loss within 1% (the LoRA starts
     as a no-op, so that is the base model's loss on the same batch), a falling curve, and an adapter with the very
     tensor names, shapes and module list that `ft quantize` merges."""
     from safetensors import safe_open
 
     runs, reasons = {}, {}
-    for backend in ("hf", "auto"):
+    for backend in ("hf", "unsloth"):
         (tmp_path / backend).mkdir()
         recipe = write_recipe(tmp_path / backend / "r.yaml", lora={"vision": True, "audio": True},
                               train={"backend": backend, "max_steps": 12, "log_every": 1, "eval_every": 12,
@@ -78,16 +77,13 @@ def test_unsloth_backend_trains_as_the_hf_backend_does(tmp_path: Path) -> None:
         reasons[backend] = (summary["backend"], summary["backend_reason"])
         header = " ".join(result.stderr.split())  # rich wraps the header at the terminal's width
         assert f"{summary['backend']} backend ({summary['backend_reason']}) on cuda" in header
-        if backend == "auto":
+        if backend == "unsloth":
             assert summary["lora_modules"] == json.loads((runs["hf"] / "summary.json").read_text())["lora_modules"]
-    sections = yaml.safe_load(recipe.read_text())
-    rows, batch = sections["data"]["max_seq_length"], sections["train"]["batch_size"]
     assert reasons == {"hf": ("hf", "the recipe asks for hf"),
-                       "auto": ("unsloth", f"auto on CUDA with micro-batches up to {batch * rows} tokens ({batch} x "
-                                           f"{rows}), where unsloth is the faster (up to {UNSLOTH_STEP_TOKENS})")}
+                       "unsloth": ("unsloth", f"the recipe asks for unsloth; {UNSLOTH_WAIT}")}
     curves = {backend: losses(run) for backend, run in runs.items()}
-    assert curves["auto"][0] == pytest.approx(curves["hf"][0], rel=1e-2), curves
-    assert curves["auto"][-1] < curves["auto"][0], curves
+    assert curves["unsloth"][0] == pytest.approx(curves["hf"][0], rel=1e-2), curves
+    assert curves["unsloth"][-1] < curves["unsloth"][0], curves
 
     def tensors(run: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(run / "adapter" / "adapter_model.safetensors", framework="pt") as f:

@@ -6,6 +6,7 @@ backend itself needs a GPU: tests/test_gpu.py trains with it."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +16,16 @@ from conftest import line_of, run_ft, write_recipe
 from ft import resolve
 from ft.errors import RecipeError
 from ft.recipe_io import load_recipe
-from ft.resolve import CUDA_WITH_UNSLOTH, UNSLOTH_STEP_TOKENS, Machine, choose_backend
+from ft.data import count_rows
+from ft.resolve import (
+    CUDA_WITH_UNSLOTH,
+    UNSLOTH_MIN_STEPS,
+    UNSLOTH_STEP_TOKENS,
+    UNSLOTH_WAIT,
+    Machine,
+    choose_backend,
+    optimizer_steps,
+)
 
 NO_CUDA = Machine("cpu", lambda: pytest.fail("a machine without CUDA never asks for unsloth"))
 
@@ -84,11 +94,36 @@ def test_auto_on_cuda_picks_by_micro_batch_tokens(tmp_path: Path, batch: int, ro
                                       train={"batch_size": batch}), [])
     chosen = choose_backend(recipe, machine)
     assert asked == (["unsloth"] if picked == "unsloth" else [])
-    faster = "unsloth is the faster (up to" if picked == "unsloth" else "ft's own path is faster than unsloth (past"
+    step = f"auto on CUDA with micro-batches up to {batch * rows} tokens ({batch} x {rows}), where "
     assert chosen.name == picked
-    assert chosen.reason == (f"auto on CUDA with micro-batches up to {batch * rows} tokens ({batch} x {rows}), where "
-                             f"{faster} {UNSLOTH_STEP_TOKENS})")
+    if picked == "unsloth":
+        assert chosen.reason == f"{step}unsloth is the faster (up to {UNSLOTH_STEP_TOKENS}) over a long run; {UNSLOTH_WAIT}"
+    else:
+        assert chosen.reason == f"{step}ft's own path is faster than unsloth (past {UNSLOTH_STEP_TOKENS})"
     assert choose_backend(recipe, CUDA_WITH_UNSLOTH) == chosen
+
+
+@pytest.mark.parametrize("steps, picked", [(UNSLOTH_MIN_STEPS, "hf"), (UNSLOTH_MIN_STEPS + 1, "unsloth")])
+def test_auto_on_cuda_picks_hf_for_a_short_run(tmp_path: Path, steps: int, picked: str) -> None:
+    """A run of at most UNSLOTH_MIN_STEPS optimizer steps goes to ft's own path, which starts at once, without asking
+    whether unsloth imports; a longer one to unsloth, whose reason says that it waits for its compilation."""
+    asked: list[str] = []
+    machine = Machine("cuda", lambda: asked.append("unsloth"))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", data={"max_seq_length": 512}), [])  # 8 x 512 tokens
+    chosen = choose_backend(recipe, machine, steps)
+    assert (chosen.name, asked) == (picked, ["unsloth"] if picked == "unsloth" else [])
+    assert (f"a run of {steps} optimizer steps, too few" in chosen.reason) == (picked == "hf")
+    assert (UNSLOTH_WAIT in chosen.reason) == (picked == "unsloth")
+
+
+def test_ft_train_counts_the_runs_steps_from_the_data(tmp_path: Path) -> None:
+    """`ft train` counts the rows of data.train before choosing (the demo's 240 rows at batch 8 for 3 epochs are 90
+    optimizer steps), as optimizer_steps computes them from the recipe."""
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml"), [])
+    rows = count_rows(recipe.data.train)
+    assert rows == sum(1 for line in recipe.data.train.read_text().splitlines() if line.strip())
+    assert optimizer_steps(recipe, rows) == 3 * math.ceil(rows / 8)
+    assert optimizer_steps(load_recipe(write_recipe(tmp_path / "r.yaml"), ["train.max_steps=7"]), rows) == 7
 
 
 @pytest.mark.parametrize("setting, rows", [("unsloth", UNSLOTH_STEP_TOKENS + 1), ("hf", 256)])
@@ -99,7 +134,9 @@ def test_a_forced_backend_ignores_the_length_rule(tmp_path: Path, setting: str, 
                                       train={"backend": setting}), [])
     for machine in (Machine("cuda", lambda: None), CUDA_WITH_UNSLOTH):
         chosen = choose_backend(recipe, machine)
-        assert (chosen.name, chosen.reason) == (setting, f"the recipe asks for {setting}")
+        wait = f"; {UNSLOTH_WAIT}" if setting == "unsloth" else ""
+        assert (chosen.name, chosen.reason) == (setting, f"the recipe asks for {setting}{wait}")
+        assert choose_backend(recipe, machine, steps=1) == chosen  # a short run too
     assert "unsloth" not in sys.modules
 
 
@@ -135,7 +172,8 @@ def test_cuda_settings(tmp_path: Path) -> None:
     assert unsloth.as_dict() == {
         "backend": "unsloth", "device": "cuda", "dtype": "bfloat16", "quantization": "nf4",
         "backend_reason": f"auto on CUDA with micro-batches up to {step} ({recipe.train.batch_size} x "
-                          f"{recipe.data.max_seq_length}), where unsloth is the faster (up to {UNSLOTH_STEP_TOKENS})",
+                          f"{recipe.data.max_seq_length}), where unsloth is the faster (up to {UNSLOTH_STEP_TOKENS}) "
+                          f"over a long run; {UNSLOTH_WAIT}",
         "gradient_checkpointing": True, "offload_activations": False, "tiled_mlp": False, "wandb": "disabled"}
     assert unsloth.plan is not None and unsloth.plan.backend == "unsloth" and unsloth.plan.quantized
     hf = load_recipe(tmp_path / "r.yaml", ["train.backend=hf", "train.gradient_checkpointing=true"])

@@ -2,6 +2,7 @@
 
     ft eval runs/demo              # a run directory (quant files missing from its export are made first)
     ft eval recipes/demo.yaml      # the same, through the recipe's output.dir
+    ft eval recipes/study-demo.yaml  # a study (study: true): the model as it is, exported first
 
 Writes `<run>/eval/`: results.json, report.md, divergence.png, accuracy.png, speed.png. Every number comes from
 llama.cpp (llama-cpp-python) running the GGUF files; the reference is the unquantized GGUF of the export
@@ -217,7 +218,7 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
     `out`; returns `out`."""
     from ft.models import load_processor
     from quantize.manifest import Manifest
-    from quantize.pipeline import export_trained
+    from quantize.pipeline import export_trained, model_checkpoint
 
     settings = recipe.eval or EvalSection()
     export = recipe.export or ExportSection()
@@ -235,7 +236,7 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
         console.print(f"up to date: {out / 'report.md'} (measured {saved['date']} from these files and settings; "
                       "--remeasure measures again)", highlight=False)
         return out
-    processor = load_processor(str(folder / "merged"), recipe.data.image_soft_tokens)
+    processor = load_processor(str(model_checkpoint(run, recipe, folder)[0]), recipe.data.image_soft_tokens)
 
     prompts = reasoning_prompts(settings.tasks, settings.samples, settings.seed) if settings.samples else []
     if settings.heldout and recipe.data.eval:

@@ -60,6 +60,9 @@ def train(
     export / eval sections."""
     try:
         loaded = load_recipe(recipe, overrides)
+        if loaded.study:
+            raise FtError(f"{loaded.where('study')}: a study trains nothing; run `ft quantize {recipe}` or "
+                          f"`ft eval {recipe}`")
         _check_recipe(loaded, resume)  # before anything slow: a recipe that cannot work fails in about a second
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID

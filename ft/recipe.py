@@ -57,6 +57,12 @@ class ModelSection(Section):
         "auto", description="Base weights while training: nf4 is QLoRA (bitsandbytes 4-bit NF4, double-quantized) on "
         "the decoder's linear layers; auto is nf4 on CUDA and none elsewhere."
     )
+    gguf: Path | None = Field(
+        None, description="A study's unquantized GGUF of this model (F32, F16 or BF16, as export.reference says), "
+        "one you already have: it is the reference that every quant is made from and measured against, linked "
+        "into the export rather than converted again; model.name still gives the tokenizer, chat template and "
+        "projector. Needs study: true.",
+    )
 
 
 class DataSection(Section):
@@ -226,6 +232,10 @@ class EvalSection(Section):
 class Recipe(Section):
     """A whole `ft` recipe. Relative paths are relative to the recipe file's folder."""
 
+    study: bool = Field(
+        False, description="A quant-sensitivity study: nothing is trained; ft quantize exports the model as it is "
+        "(model.name, or model.gguf) and ft eval measures its quants. A study has no lora or train section."
+    )
     model: ModelSection
     data: DataSection
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -236,6 +246,21 @@ class Recipe(Section):
     eval: EvalSection | None = None
 
     _where: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _gguf_is_a_study(cls, value: ModelSection, info: ValidationInfo) -> ModelSection:
+        # a trained run's reference is its merged model: a given GGUF would silently measure something else
+        if value.gguf is not None and not info.data.get("study"):
+            raise ValueError("model.gguf is the reference of a study, which trains nothing; add study: true")
+        return value
+
+    @field_validator("lora", "train")  # runs only for sections the recipe spells out
+    @classmethod
+    def _nothing_to_train(cls, value: Section, info: ValidationInfo) -> Section:
+        if info.data.get("study"):
+            raise ValueError(f"a study (study: true) trains nothing; remove the {info.field_name} section")
+        return value
 
     def where(self, key: str) -> str:
         """`file:line: key` (or `override '...': key`) of a recipe key, for errors found after validation.
@@ -279,8 +304,13 @@ class Recipe(Section):
         output = self.output.model_copy(update={"dir": (base / self.output.dir).resolve()})
         update = {"data": data, "output": output}
         local = base / self.model.name
+        model = {}
         if self.model.name.startswith(("./", "../")) or local.is_dir():
-            update["model"] = self.model.model_copy(update={"name": str(local.resolve())})
+            model["name"] = str(local.resolve())
+        if self.model.gguf is not None:
+            model["gguf"] = (base / self.model.gguf).resolve()
+        if model:
+            update["model"] = self.model.model_copy(update=model)
         if self.export is not None:
             paths = {key: (base / value).resolve() for key in ("calibration", "dir")
                      if (value := getattr(self.export, key)) is not None}

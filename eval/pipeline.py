@@ -12,6 +12,7 @@ llama.cpp (llama-cpp-python) running the GGUF files; the reference is the unquan
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ from rich.progress import Progress
 from eval.accuracy import is_correct, paired_flips, wilson_interval
 from eval.divergence import HEADER, ROW_BLOCK, Divergence, encode
 from eval.mtp import decode_all, mismatches, mtp_summary, tokens_per_second
+from eval.paired import pair_table
 from eval.report import write_report
 from eval.runner import EvalError, Scorer, chunks, greedy, load
 from eval.tasks import Prompt, check_tasks, heldout_prompts, reasoning_prompts, text_only
@@ -38,6 +40,7 @@ from ft.recipe import EvalSection, ExportSection, Recipe
 from ft.rundir import claim, lock
 
 console = Console(stderr=True)
+RESULTS_FORMAT = 2  # results.json's layout; 2 added per-chunk KLD, per-prompt answers and paired differences
 
 
 def evaluation_tokens(settings: EvalSection, recipe: Recipe, processor: Any, llm: Any) -> list[int]:
@@ -177,6 +180,11 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "torch": torch.__version__}
 
 
+def digest(value: Any) -> str:
+    """SHA-256 of a JSON value: two evaluations scored the same tokens (prompts) when their digests are equal."""
+    return hashlib.sha256(json.dumps(value, default=str).encode()).hexdigest()
+
+
 def evaluate_run(target: Path, overrides: Sequence[str] = (), remeasure: bool = False) -> Path:
     """Measure every quant of a run against its reference GGUF and write the report; returns the report folder.
     `overrides` may change `eval.*` and `export.*`; results measured from the same files and settings are reused
@@ -199,7 +207,8 @@ def evaluation_inputs(recipe: Recipe, manifest: Any, files: list[Path]) -> str:
 
     settings = recipe.eval or EvalSection()
     data = [settings.text, recipe.data.eval, recipe.data.train]
-    return fingerprint("eval", settings.model_dump(mode="json"), [manifest.entry(f.name)["sha256"] for f in files],
+    return fingerprint("eval", RESULTS_FORMAT, settings.model_dump(mode="json"),
+                       [manifest.entry(f.name)["sha256"] for f in files],
                        [sha256(p) if p is not None and p.is_file() else str(p) for p in data], device_name(),
                        versions())
 
@@ -268,7 +277,9 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
         "drafter": drafter.name if drafter else None, "device": device_name(), "versions": versions(),
         "date": datetime.date.today().isoformat(), "inputs": inputs, "settings": settings.model_dump(mode="json"),
         "tasks": list(dict.fromkeys(p.task for p in prompts)), "divergence_tokens": int(len(targets)),
-        "quants": measured,
+        "scored_tokens_sha256": digest(tokens),
+        "prompts_sha256": digest([[p.task, p.messages, p.answer] for p in prompts]),
+        "quants": measured, "pairs": pair_table(measured),
     }
     write_report(results, out)
     console.print(f"[green]report written to {out / 'report.md'}")
@@ -287,6 +298,7 @@ def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: 
         if prompts:
             correct = answers(path, prompts, processor, settings)
             entry["accuracy"] = accuracy_table(correct, reference_correct, prompts)
+            entry["answers"] = [int(c) for c in correct]  # per prompt, in order: paired intervals between rows
         if settings.speed and speed_prompts:
             entry["speed"] = speed_of(path, drafter, speed_prompts, settings)
     except EvalError as exc:

@@ -1,4 +1,5 @@
-"""The evaluation report: results.json, report.md with a table per metric, and PNG plots against bits per weight."""
+"""The evaluation report: results.json, results.csv, report.md with a table per metric (and the paired differences
+of each quant and the next larger one), and PNG plots against bits per weight."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
+from eval.table import table, to_csv  # noqa: E402
 from ft.atomic import write_bytes, write_text  # noqa: E402
 
 
@@ -84,10 +86,30 @@ def plot_speed(results: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _interval(d: dict[str, Any], scale: float, digits: int) -> str:
+    """`+0.0123 [+0.0100, +0.0150] *`: a paired difference, marked when its interval excludes 0."""
+    text = f"{scale * d['difference']:+.{digits}f} [{scale * d['low']:+.{digits}f}, {scale * d['high']:+.{digits}f}]"
+    return text + (" *" if d["excludes_zero"] else "")
+
+
+def pair_rows(pairs: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of the paired-differences table: Δ mean KLD in nats, Δ accuracy in percentage points."""
+    return [[p["type"], p["against"], _interval(p["kld_mean"], 1.0, 5), p["kld_mean"]["n"],
+             _interval(p["accuracy"], 100.0, 1) if "accuracy" in p else "",
+             p["accuracy"]["n"] if "accuracy" in p else ""] for p in pairs]
+
+
+PAIR_HEADER = ["type", "against", "Δ mean KLD [95%]", "chunks", "Δ accuracy pp [95%]", "prompts"]
+PAIRS_NOTE = ("Each quant against the next larger one, on the same scored chunks and prompts: the difference (first "
+              "minus second) in mean KLD against the reference, in nats, and in accuracy over all prompts, in "
+              "percentage points, with paired 95% bootstrap intervals (resampling chunks and prompts; "
+              "eval/paired.py). * marks an interval that excludes 0.")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -119,31 +141,35 @@ def markdown(results: dict[str, Any]) -> str:
         "## Distribution vs reference",
         f"{results.get('divergence_tokens', 0)} scored tokens. KLD over the full vocabulary, natural log; top-1 = same "
         "most likely token; Δp = p_quant(correct) - p_ref(correct), in percentage points.",
-        _table(["type", "bpw", "mean KLD", "median", "p99", "p99.9", "top-1 %", "PPL", "PPL ratio", "mean Δp",
+        md_table(["type", "bpw", "mean KLD", "median", "p99", "p99.9", "top-1 %", "PPL", "PPL ratio", "mean Δp",
                 "RMS Δp"], div),
+        "## Paired differences", PAIRS_NOTE,
+        md_table(PAIR_HEADER, pair_rows(results.get("pairs", []))),
         "## Accuracy (greedy, exact match)",
         "lost: right with the reference and wrong quantized; gained: the reverse (same prompts).",
-        _table(["type", "task", "accuracy %", "95% Wilson", "n", "lost", "gained"], acc),
+        md_table(["type", "task", "accuracy %", "95% Wilson", "n", "lost", "gained"], acc),
         "## Decode speed, batch 1",
         "MTP on is ft's own speculative loop over llama.cpp's C API, taking the target's argmax. On an H200 it ran "
         "within 6% of llama.cpp's `llama-speculative-simple` with backend sampling (`-bs`) and up to 1.2x faster than "
         "that program with its default CPU sampler chain, which reads every verified row's full vocabulary "
         "(docs/BENCHMARKS.md).",
-        _table(["type", "tok/s MTP off", "tok/s MTP on", "acceptance", "mean accepted", "MTP output identical"], speed),
+        md_table(["type", "tok/s MTP off", "tok/s MTP on", "acceptance", "mean accepted", "MTP output identical"],
+                 speed),
     ]
     if flips:
         parts += ["### Where MTP output differed from plain decoding",
                   "lead = top-1 minus top-2 logit of the target at that token; near 0 in both modes means a tie that "
                   "kernel rounding broke differently, not a protocol error.",
-                  _table(["type", "prompt", "token", "lead, MTP off", "lead, MTP on"], flips)]
+                  md_table(["type", "prompt", "token", "lead, MTP off", "lead, MTP on"], flips)]
     if errors:
-        parts += ["## Files that could not be evaluated", _table(["type", "error"], errors)]
+        parts += ["## Files that could not be evaluated", md_table(["type", "error"], errors)]
     parts.append("Plots: `divergence.png`, `accuracy.png`, `speed.png`.")
     return "\n\n".join(parts) + "\n"
 
 
 def write_report(results: dict[str, Any], folder: Path) -> None:
-    """Report and plots, then results.json last: results.json on disk means its report was written in full."""
+    """Report, plots and results.csv, then results.json last: results.json on disk means the rest was written in
+    full."""
     write_text(folder / "report.md", markdown(results))
     plots = {"divergence.png": (plot_divergence, "divergence"), "accuracy.png": (plot_accuracy, "accuracy"),
              "speed.png": (plot_speed, "speed")}
@@ -152,4 +178,5 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
             plot(results, folder / name)
         else:  # a plot from an earlier evaluation with other settings would contradict this report
             (folder / name).unlink(missing_ok=True)
+    write_text(folder / "results.csv", to_csv(table([(results["run"], results)])))
     write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")

@@ -69,7 +69,13 @@ def results(run: Path) -> dict[str, Any]:
 def test_study_makes_a_run_directory_without_training(base_study: Path) -> None:
     assert not (base_study / "adapter").exists() and not (base_study / "gguf" / "merged").exists()
     assert yaml.safe_load((base_study / "recipe.yaml").read_text())["study"] is True
-    assert [q["type"] for q in results(base_study)["quants"]] == ["F32 (reference)", "Q8_0"]
+    measured = results(base_study)
+    assert [q["type"] for q in measured["quants"]] == ["F32 (reference)", "Q8_0"]
+    # the reference's chunks all have KLD 0, so Q8_0's paired difference from it is its own mean KLD
+    q8 = measured["quants"][1]["divergence"]
+    [pair] = measured["pairs"]
+    assert (pair["type"], pair["against"], pair["kld_mean"]["n"]) == ("Q8_0", "F32 (reference)", 256 // 64)
+    assert pair["kld_mean"]["difference"] == pytest.approx(q8["kld_mean"], rel=1e-9)
 
 
 def test_study_reference_is_the_base_model(base_study: Path) -> None:
@@ -121,3 +127,29 @@ def test_study_refuses_training_and_a_mismatched_gguf(base_study: Path, tmp_path
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"model.gguf: {given} is ALL_F32, but export.reference is BF16" in result.stderr
 
+
+
+def test_compare_puts_the_results_side_by_side(base_study: Path, given_study: Path, tmp_path: Path) -> None:
+    """Two evaluations of the same text: the table is their results.json rows, and each quant against its twin is a
+    difference of 0 whose interval contains 0."""
+    import csv
+
+    folders = [base_study / "eval", given_study / "eval"]
+    out = tmp_path / "comparison"
+    ft_ok("compare", *map(str, folders), "--out", str(out))
+    with (out / "comparison.csv").open() as f:
+        table = list(csv.DictReader(f))
+    expected = [(str(folder), q) for folder in folders for q in results(folder.parent)["quants"]]
+    assert len(table) == len(expected) == 4
+    for row, (label, q) in zip(table, expected):
+        assert (row["evaluation"], row["type"], row["file"]) == (label, q["type"], q["file"])  # both runs are "run"
+        assert float(row["bits_per_weight"]) == q["bits_per_weight"]
+        for key in ("kld_mean", "kld_mean_error", "kld_median", "kld_p99", "kld_p999", "top1_agreement", "ppl",
+                    "ppl_ratio"):
+            assert float(row[key]) == q["divergence"][key], key
+        assert row["accuracy"] == row["prompts"] == ""  # the small study asks no prompts
+    report = (out / "report.md").read_text()
+    for kind in ("F32 (reference)", "Q8_0"):
+        assert f"| {folders[1]}: {kind} | {folders[0]}: {kind} | +0.00000 [+0.00000, +0.00000] | 4 |" in report
+    result = run_ft("compare", str(folders[0]), "--out", str(tmp_path / "one"))
+    assert result.returncode != 0 and "two evaluation folders or more" in result.stderr

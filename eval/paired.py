@@ -82,5 +82,16 @@ def compare_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def pair_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every quant against the next larger one (`next_larger_pairs`)."""
-    return [compare_rows(a, b) for a, b in next_larger_pairs(rows)]
+    """The pairs a reader compares: every quant against the next larger one of its own variant (the reference
+    above them all), and every variant's quant against the plain one of the same type (rows of ft eval: a
+    variant's carry `variant`, and every quant's its type as `quant`)."""
+    plain = [r for r in rows if "variant" not in r]
+    pairs = [compare_rows(a, b) for a, b in next_larger_pairs(plain)]
+    reference = [r for r in plain if "quant" not in r]
+    same_type = {r["quant"]: r for r in plain if "quant" in r and "divergence" in r}
+    for variant in dict.fromkeys(r["variant"] for r in rows if "variant" in r):
+        group = [r for r in rows if r.get("variant") == variant]
+        pairs += [compare_rows(a, b) for a, b in next_larger_pairs(reference + group)]
+        pairs += [compare_rows(r, same_type[r["quant"]]) for r in group
+                  if "divergence" in r and r["quant"] in same_type]
+    return pairs

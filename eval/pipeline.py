@@ -200,15 +200,15 @@ def evaluate_run(target: Path, overrides: Sequence[str] = (), remeasure: bool = 
         return write_evaluation(run, recipe, recipe.eval_dir(run), remeasure)
 
 
-def evaluation_inputs(recipe: Recipe, manifest: Any, files: list[Path]) -> str:
-    """What an evaluation's numbers depend on: its settings, the bytes of every file measured, the evaluation data,
-    the machine and the software. Equal inputs mean the saved results still stand."""
+def evaluation_inputs(recipe: Recipe, file_shas: list[str]) -> str:
+    """What an evaluation's numbers depend on: its settings, the bytes of every file measured (their SHA-256s), the
+    evaluation data, the machine and the software. Equal inputs mean the saved results still stand."""
     from quantize.manifest import fingerprint, sha256
 
     settings = recipe.eval or EvalSection()
     data = [settings.text, recipe.data.eval, recipe.data.train]
     return fingerprint("eval", RESULTS_FORMAT, settings.model_dump(mode="json"),
-                       [manifest.entry(f.name)["sha256"] for f in files],
+                       file_shas,
                        [sha256(p) if p is not None and p.is_file() else str(p) for p in data], device_name(),
                        versions())
 
@@ -236,10 +236,13 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
     reference = folder / f"{run.name}-{export.reference}.gguf"
     drafters = [f for f in manifest.files.values() if f["kind"] == "MTP drafter"]
     drafter = folder / drafters[0]["file"] if drafters and settings.speed else None
-    rows = [(f"{export.reference} (reference)", reference)] + [
-        (q, folder / f"{run.name}-{q}.gguf") for q in settings.quants
-    ]
-    inputs = evaluation_inputs(recipe, manifest, [*(path for _, path in rows), *([drafter] if drafter else [])])
+    rows = [(f"{export.reference} (reference)", reference, {})]
+    rows += [(q, folder / f"{run.name}-{q}.gguf", {"quant": q}) for q in settings.quants]
+    rows += [(f"{name}/{q}", folder / name / f"{run.name}-{q}.gguf", {"quant": q, "variant": name})
+             for name in export.variants for q in export.variant(name).quants]
+    manifests = {path.parent: Manifest(path.parent / "manifest.json") for _, path, _ in rows}
+    files = [*(path for _, path, _ in rows), *([drafter] if drafter else [])]
+    inputs = evaluation_inputs(recipe, [manifests[f.parent].entry(f.name)["sha256"] for f in files])
     saved = None if remeasure else saved_results(out, inputs)
     if saved is not None:
         console.print(f"up to date: {out / 'report.md'} (measured {saved['date']} from these files and settings; "
@@ -264,10 +267,10 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
         measured = []
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("evaluate", total=len(rows))
-            for label, path in rows:
+            for label, path, identity in rows:
                 progress.update(task, description=f"evaluate {label}")
-                measured.append(measure(label, path, manifest, tokens, settings, ref_logprobs, targets, prompts,
-                                        processor, reference_correct, drafter, speed_prompts))
+                measured.append(measure(label, path, manifests[path.parent], tokens, settings, ref_logprobs, targets,
+                                        prompts, processor, reference_correct, drafter, speed_prompts, identity))
                 progress.advance(task)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -288,9 +291,13 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
 
 def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: EvalSection, ref: LogprobStore,
             targets: np.ndarray, prompts: list[Prompt], processor: Any, reference_correct: list[bool],
-            drafter: Path | None, speed_prompts: list[list[int]]) -> dict[str, Any]:
-    """Every metric of one file; a file llama.cpp cannot use is reported with its error instead."""
-    entry: dict[str, Any] = {"type": label, "file": path.name}
+            drafter: Path | None, speed_prompts: list[list[int]], identity: dict[str, str] | None = None
+            ) -> dict[str, Any]:
+    """Every metric of one file (`identity`: its quant type and variant, kept in the row); a file llama.cpp cannot
+    use is reported with its error instead."""
+    identity = identity or {}
+    file = f"{identity['variant']}/{path.name}" if "variant" in identity else path.name  # variants share names
+    entry: dict[str, Any] = {"type": label, "file": file, **identity}
     if path.name in manifest.files:
         entry["bits_per_weight"] = manifest.entry(path.name).get("bits_per_weight")
     try:
@@ -302,5 +309,5 @@ def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: 
         if settings.speed and speed_prompts:
             entry["speed"] = speed_of(path, drafter, speed_prompts, settings)
     except EvalError as exc:
-        entry = {"type": label, "file": path.name, "error": str(exc)}
+        entry = {"type": label, "file": file, **identity, "error": str(exc)}
     return entry

@@ -92,16 +92,16 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _interval(d: dict[str, Any], scale: float, digits: int) -> str:
-    """`+0.0123 [+0.0100, +0.0150] *`: a paired difference, marked when its interval excludes 0."""
-    text = f"{scale * d['difference']:+.{digits}f} [{scale * d['low']:+.{digits}f}, {scale * d['high']:+.{digits}f}]"
+def _interval(d: dict[str, Any], scale: float, spec: str) -> str:
+    """`+0.0123 [+0.01, +0.015] *`: a paired difference in format `spec`, marked when its interval excludes 0."""
+    text = f"{scale * d['difference']:{spec}} [{scale * d['low']:{spec}}, {scale * d['high']:{spec}}]"
     return text + (" *" if d["excludes_zero"] else "")
 
 
 def pair_rows(pairs: list[dict[str, Any]]) -> list[list[str]]:
     """Rows of the paired-differences table: Δ mean KLD in nats, Δ accuracy in percentage points."""
-    return [[p["type"], p["against"], _interval(p["kld_mean"], 1.0, 5), p["kld_mean"]["n"],
-             _interval(p["accuracy"], 100.0, 1) if "accuracy" in p else "",
+    return [[p["type"], p["against"], _interval(p["kld_mean"], 1.0, "+.3g"), p["kld_mean"]["n"],
+             _interval(p["accuracy"], 100.0, "+.1f") if "accuracy" in p else "",
              p["accuracy"]["n"] if "accuracy" in p else ""] for p in pairs]
 
 

@@ -153,6 +153,27 @@ class OutputSection(Section):
     overwrite: bool = Field(False, description="Start afresh even if the run directory already has a run in it.")
 
 
+class VariantSection(Section):
+    """One named quantization setting of a study, written to `<export folder>/<name>/`; a key it leaves out is the
+    export section's."""
+
+    quants: list[str] | None = Field(None, min_length=1, description="Types to write (default: export.quants).")
+    imatrix: Literal["auto", "on", "off"] | None = Field(None, description="As export.imatrix (default: its value).")
+    calibration: Path | None = Field(None, description="As export.calibration (default: its value).")
+    calibration_rows: int | None = Field(None, ge=1, description="As export.calibration_rows (default: its value).")
+    tensor_types: dict[str, str] | None = Field(None, description="As export.tensor_types (default: its value).")
+
+    @field_validator("quants")
+    @classmethod
+    def _known_quants(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _quant_names(value)
+
+    @field_validator("imatrix", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        return _on_off(value)
+
+
 class ExportSection(Section):
     """What `ft quantize` writes: GGUF files for llama.cpp and Ollama (merged model, projector, drafter, quants)."""
 
@@ -180,6 +201,10 @@ class ExportSection(Section):
         description="Per-tensor type overrides, GGUF tensor name (regex) -> type, e.g. token_embd.weight: Q8_0.",
     )
     dir: Path | None = Field(None, description="Export folder (default: output.dir/gguf).")
+    variants: dict[str, VariantSection] = Field(
+        default_factory=dict, description="Named quantization settings besides the plain one (name -> settings), "
+        "each written to export.dir/NAME/ and measured by ft eval against the same reference in the same pass.",
+    )
 
     @field_validator("quants")
     @classmethod
@@ -191,12 +216,27 @@ class ExportSection(Section):
     def _yaml_booleans(cls, value: object) -> object:
         return _on_off(value)
 
+    @field_validator("variants")
+    @classmethod
+    def _folder_names(cls, value: dict[str, VariantSection]) -> dict[str, VariantSection]:
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name == "merged"]
+        if bad:
+            raise ValueError(f"variant names become folder names: {', '.join(bad)} is not one (letters, digits, "
+                             "'_', '.', '-'; not 'merged')")
+        return value
+
     @model_validator(mode="after")
     def _imatrix_available(self) -> ExportSection:
-        needing = [q for q in self.quants if q in NEEDS_IMATRIX]
-        if self.imatrix == "off" and needing:
-            raise ValueError(f"{', '.join(needing)} need an importance matrix, but export.imatrix is off")
+        for name, export in [("", self), *((f"variants.{n}.", self.variant(n)) for n in self.variants)]:
+            needing = [q for q in export.quants if q in NEEDS_IMATRIX]
+            if export.imatrix == "off" and needing:
+                raise ValueError(f"{', '.join(needing)} need an importance matrix, but export.{name}imatrix is off")
         return self
+
+    def variant(self, name: str) -> ExportSection:
+        """The export settings of variant `name`: its own keys over this section's, without variants."""
+        own = self.variants[name].model_dump(exclude_none=True)
+        return self.model_construct(**{**dict(self), **own, "variants": {}})
 
 
 class EvalSection(Section):
@@ -314,6 +354,9 @@ class Recipe(Section):
         if self.export is not None:
             paths = {key: (base / value).resolve() for key in ("calibration", "dir")
                      if (value := getattr(self.export, key)) is not None}
+            variants = {name: v.model_copy(update={"calibration": (base / v.calibration).resolve()})
+                        if v.calibration is not None else v for name, v in self.export.variants.items()}
+            paths["variants"] = variants
             drafter = self.export.drafter
             if drafter is not None and not drafter.startswith(TINY_PREFIX):
                 paths["drafter"] = str((base / drafter).resolve())

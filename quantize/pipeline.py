@@ -14,6 +14,7 @@ Steps, each skipped on a rerun when manifest.json says its output is current:
     4. convert the MTP drafter, when export.drafter names one       -> gguf/NAME-drafter-BF16.gguf
     5. importance matrix from calibration data, when a type needs it -> gguf/NAME-imatrix.gguf
     6. llama.cpp quantization for every export.quants type          -> gguf/NAME-Q4_K_M.gguf ...
+       and steps 5-6 again for each of export.variants               -> gguf/VARIANT/NAME-Q4_K_M.gguf ...
     7. Ollama Modelfile, README.md and manifest.json
 """
 
@@ -246,13 +247,35 @@ def export_trained(run: Path, recipe: Recipe, extra_quants: Sequence[str] = ()) 
         return write_export(Export(recipe.export_dir(run), run.name), run, recipe, extra_quants)
 
 
+def write_quants(job: Export, reference: Path, reference_sha: str, quant_types: list[str], merged: Path,
+                 merged_inputs: str, recipe: Recipe, export: ExportSection) -> dict[str, Path]:
+    """The importance matrix (when needed) and every type of `quant_types` from `reference`, as `export` says, into
+    `job`'s folder; returns the quant files by type."""
+    from quantize.imatrix import normalized, read_imatrix_gguf
+    from quantize.llama_quant import quantize
+
+    imatrix = None
+    if needs_imatrix(export, quant_types):
+        imatrix = importance_matrix(job, merged, merged_inputs, recipe, export)
+
+    imatrix_sha = job.manifest.entry(imatrix.name)["sha256"] if imatrix else None
+    values = normalized(read_imatrix_gguf(imatrix)) if imatrix else None
+    quants = {}
+    for qtype in quant_types:
+        inputs = fingerprint("quant", qtype, reference_sha, imatrix_sha, export.tensor_types)
+        quants[qtype] = job.make(
+            job.path(qtype), "quantized language model", inputs,
+            lambda p, q=qtype: quantize(reference, p, q, imatrix=values, tensor_types=export.tensor_types or None),
+            type=qtype,
+        )
+    return quants
+
+
 def write_export(job: Export, run: Path, recipe: Recipe, extra_quants: Sequence[str]) -> Path:
     """Every export step into `job`'s folder, each skipped when its file is current."""
     from quantize.gguf_drafter import write_drafter
     from quantize.gguf_lm import write_language_model
     from quantize.gguf_mmproj import write_projector
-    from quantize.imatrix import normalized, read_imatrix_gguf
-    from quantize.llama_quant import quantize
     from quantize.modelfile import export_readme, modelfile, sampling_defaults
 
     export = recipe.export or ExportSection()
@@ -275,22 +298,15 @@ def write_export(job: Export, run: Path, recipe: Recipe, extra_quants: Sequence[
         drafter_inputs = fingerprint("drafter", ref_type, export.drafter, merged_inputs)
         drafter = job.make(job.path(f"drafter-{ref_type}"), "MTP drafter", drafter_inputs,
                            lambda p: write_drafter(drafter_dir, merged, p, ref_type), type=ref_type)
-    quant_types = list(dict.fromkeys([*export.quants, *extra_quants]))
-    imatrix = None
-    if needs_imatrix(export, quant_types):
-        imatrix = importance_matrix(job, merged, merged_inputs, recipe, export)
-
     reference_sha = job.manifest.entry(reference.name)["sha256"]
-    imatrix_sha = job.manifest.entry(imatrix.name)["sha256"] if imatrix else None
-    values = normalized(read_imatrix_gguf(imatrix)) if imatrix else None
-    quants = {}
-    for qtype in quant_types:
-        inputs = fingerprint("quant", qtype, reference_sha, imatrix_sha, export.tensor_types)
-        quants[qtype] = job.make(
-            job.path(qtype), "quantized language model", inputs,
-            lambda p, q=qtype: quantize(reference, p, q, imatrix=values, tensor_types=export.tensor_types or None),
-            type=qtype,
-        )
+    quant_types = list(dict.fromkeys([*export.quants, *extra_quants]))
+    quants = write_quants(job, reference, reference_sha, quant_types, merged, merged_inputs, recipe, export)
+    for name in export.variants:  # each in its own folder and manifest: the same file names, other settings
+        folder = job.folder / name
+        folder.mkdir(exist_ok=True)
+        variant = export.variant(name)
+        write_quants(Export(folder, job.name), reference, reference_sha, variant.quants, merged, merged_inputs,
+                     recipe, variant)
 
     chosen = next((quants[q] for q in FIRST_CHOICE if q in quants), next(iter(quants.values())))
     names = (chosen.name, projector.name if projector else None, drafter.name if drafter else None)

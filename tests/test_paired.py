@@ -96,5 +96,18 @@ def test_each_quant_is_compared_with_the_next_larger_one() -> None:
     table = markdown({"run": "r", "reference": "r-F32.gguf", "reference_type": "F32", "device": "cpu",
                       "date": "2026-12-07", "versions": {}, "settings": {}, "tasks": [], "quants": [],
                       "pairs": pairs})
-    assert "| Q8_0 | F32 (reference) | +0.00150 [" in table
-    assert f"| Q2_K | Q8_0 | {q2_kld:+.5f} [" in table and "] * | 4 | -50.0 [" in table
+    assert "| Q8_0 | F32 (reference) | +0.0015 [" in table
+    assert f"| Q2_K | Q8_0 | {q2_kld:+.3g} [" in table and "] * | 4 | -50.0 [" in table
+
+
+def test_variants_are_paired_within_themselves_and_with_the_plain_type() -> None:
+    plain = rows()
+    for row in plain[1:]:
+        row["quant"] = row["type"]
+    imat = {"type": "imat/Q2_K", "quant": "Q2_K", "variant": "imat", "bits_per_weight": 2.6,
+            "divergence": {"chunk_kld": [0.40, 0.50, 0.45, 0.55]}, "answers": [1, 0, 0, 1, 0, 0]}
+    pairs = pair_table([*plain, imat])
+    assert [(p["type"], p["against"]) for p in pairs] == [
+        ("Q8_0", "F32 (reference)"), ("Q2_K", "Q8_0"), ("imat/Q2_K", "F32 (reference)"), ("imat/Q2_K", "Q2_K")]
+    assert pairs[3]["kld_mean"]["difference"] == pytest.approx(np.mean([-0.10, -0.20, -0.15, -0.10]))
+    assert pairs[3]["accuracy"]["difference"] == pytest.approx(1 / 6)

@@ -150,6 +150,40 @@ def test_compare_puts_the_results_side_by_side(base_study: Path, given_study: Pa
         assert row["accuracy"] == row["prompts"] == ""  # the small study asks no prompts
     report = (out / "report.md").read_text()
     for kind in ("F32 (reference)", "Q8_0"):
-        assert f"| {folders[1]}: {kind} | {folders[0]}: {kind} | +0.00000 [+0.00000, +0.00000] | 4 |" in report
+        assert f"| {folders[1]}: {kind} | {folders[0]}: {kind} | +0 [+0, +0] | 4 |" in report
     result = run_ft("compare", str(folders[0]), "--out", str(tmp_path / "one"))
     assert result.returncode != 0 and "two evaluation folders or more" in result.stderr
+
+
+VARIANTS = {"imat": {"imatrix": "on", "calibration_rows": 8}, "attn": {"tensor_types": {"attn_.*": "Q8_0"}}}
+
+
+def test_variants_equal_separate_exports_with_one_reference_pass(tmp_path: Path) -> None:
+    """Three settings of Q4_K_M (plain, an importance matrix, attention kept at Q8_0) in one study give the files
+    and numbers of three separate studies, from one reference pass."""
+    def small(folder: Path, export: dict[str, Any]) -> Path:
+        recipe = study_recipe(folder)
+        text = yaml.safe_load(recipe.read_text())
+        text["export"].update(quants=["Q4_K_M"], **export)
+        text["eval"]["quants"] = ["Q4_K_M"]
+        recipe.write_text(yaml.safe_dump(text, sort_keys=False))  # the variants in VARIANTS' order
+        return recipe
+
+    together = small(tmp_path / "together", {"variants": VARIANTS})
+    assert ft_ok("eval", str(together)).count("reference pass over") == 1
+    joint = results(together.parent / "run")
+    rows = {(q.get("variant"), q["type"]): q for q in joint["quants"]}
+    assert list(rows) == [(None, "F32 (reference)"), (None, "Q4_K_M"), ("imat", "imat/Q4_K_M"),
+                          ("attn", "attn/Q4_K_M")]
+    for name, settings in [(None, {}), *VARIANTS.items()]:
+        alone = small(tmp_path / f"alone-{name}", settings)
+        ft_ok("eval", str(alone))
+        [_, single] = results(alone.parent / "run")["quants"]
+        joint_row = rows[(name, f"{name}/Q4_K_M" if name else "Q4_K_M")]
+        joint_file = together.parent / "run" / "gguf" / (name or "") / "run-Q4_K_M.gguf"
+        assert joint_file.read_bytes() == (alone.parent / "run" / "gguf" / "run-Q4_K_M.gguf").read_bytes()
+        assert joint_row["divergence"] == single["divergence"] and joint_row["bits_per_weight"] == single[
+            "bits_per_weight"]
+    assert rows[("attn", "attn/Q4_K_M")]["bits_per_weight"] > rows[(None, "Q4_K_M")]["bits_per_weight"]
+    pairs = [(p["type"], p["against"]) for p in joint["pairs"]]
+    assert ("imat/Q4_K_M", "Q4_K_M") in pairs and ("attn/Q4_K_M", "Q4_K_M") in pairs

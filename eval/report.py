@@ -29,13 +29,38 @@ def _measured(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [q for q in results["quants"] if "error" not in q]
 
 
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (bits per weight, loss) points that no other point beats with as few bits and less loss, by bits.
+
+    >>> frontier([(8.5, 0.001), (4.9, 0.02), (4.9, 0.01), (5.5, 0.03), (2.6, 0.5)])
+    [(2.6, 0.5), (4.9, 0.01), (8.5, 0.001)]
+    """
+    best: list[tuple[float, float]] = []
+    for bits, loss in sorted(points):
+        if not best or loss < best[-1][1]:
+            best.append((bits, loss))
+    return best
+
+
 def plot_divergence(results: dict[str, Any], path: Path) -> None:
-    rows = [q for q in _measured(results) if "divergence" in q]
+    everything = [q for q in _measured(results) if "divergence" in q]
+    rows = [q for q in everything if "variant" not in q]
     bpw = [q["bits_per_weight"] for q in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     left.errorbar(bpw, [q["divergence"]["kld_mean"] for q in rows],
                   yerr=[q["divergence"]["kld_mean_error"] for q in rows], marker="o", capsize=3, label="mean")
     left.plot(bpw, [q["divergence"]["kld_p99"] for q in rows], marker="s", linestyle="--", label="99th percentile")
+    markers = iter("^vD<>Ph*X")
+    for variant in dict.fromkeys(q["variant"] for q in everything if "variant" in q):  # one marker per variant
+        group = [q for q in everything if q.get("variant") == variant]
+        bits, marker = [q["bits_per_weight"] for q in group], next(markers, "o")
+        left.errorbar(bits, [q["divergence"]["kld_mean"] for q in group], marker=marker, linestyle="none",
+                      yerr=[q["divergence"]["kld_mean_error"] for q in group], capsize=3, label=f"mean, {variant}")
+        right.plot(bits, [100 * q["divergence"]["top1_agreement"] for q in group], marker=marker, linestyle="none",
+                   color="tab:green")
+    if len(everything) > len(rows):  # the best mean KLD for the size, over the plain quants and every variant
+        best = frontier([(q["bits_per_weight"], q["divergence"]["kld_mean"]) for q in everything])
+        left.plot(*zip(*best), color="black", linewidth=0.8, alpha=0.5, label="frontier")
     left.set_yscale("symlog", linthresh=1e-4)
     left.set_xlabel("bits per weight")
     left.set_ylabel("KL divergence vs reference (nats)")
@@ -43,7 +68,7 @@ def plot_divergence(results: dict[str, Any], path: Path) -> None:
     right.plot(bpw, [100 * q["divergence"]["top1_agreement"] for q in rows], marker="o", color="tab:green")
     right.set_xlabel("bits per weight")
     right.set_ylabel("same top-1 token as reference (%)")
-    for q in rows:
+    for q in everything:
         for ax, y in ((left, q["divergence"]["kld_mean"]), (right, 100 * q["divergence"]["top1_agreement"])):
             ax.annotate(q["type"], (q["bits_per_weight"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     left.grid(alpha=0.3)

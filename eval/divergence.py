@@ -129,10 +129,12 @@ class Divergence:
     nll_ref: list[np.ndarray] = field(default_factory=list)
     same_top: list[np.ndarray] = field(default_factory=list)
     dp: list[np.ndarray] = field(default_factory=list)
+    chunk_kld: list[float] = field(default_factory=list)  # mean KLD of each `add` (a scored chunk): paired intervals
 
     def add(self, reference: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
         """Score positions: the reference's stored rows [T, HEADER + V] (`encode`), the quant's raw logits [T, V],
-        next tokens [T]."""
+        next tokens [T]; one call per scored chunk."""
+        blocks = len(self.kld)
         for start in range(0, len(targets), ROW_BLOCK):
             rows = slice(start, start + ROW_BLOCK)
             ref = decode(reference[rows])
@@ -147,6 +149,7 @@ class Divergence:
             self.nll.append(nll)
             self.nll_ref.append(nll_ref)
             self.dp.append(np.exp(-nll) - np.exp(-nll_ref))
+        self.chunk_kld.append(float(np.concatenate(self.kld[blocks:]).mean()))
 
     @property
     def count(self) -> int:
@@ -174,4 +177,5 @@ class Divergence:
             "ppl_ratio": math.exp(nll.mean() - nll_ref.mean()),
             "dp_mean": float(dp.mean()),
             "dp_rms": math.sqrt(float((dp**2).mean())),
+            "chunk_kld": self.chunk_kld,
         }

@@ -2,6 +2,7 @@
 
     ft eval runs/demo              # a run directory (quant files missing from its export are made first)
     ft eval recipes/demo.yaml      # the same, through the recipe's output.dir
+    ft eval recipes/study-demo.yaml  # a study (study: true): the model as it is, exported first
 
 Writes `<run>/eval/`: results.json, report.md, divergence.png, accuracy.png, speed.png. Every number comes from
 llama.cpp (llama-cpp-python) running the GGUF files; the reference is the unquantized GGUF of the export
@@ -11,6 +12,7 @@ llama.cpp (llama-cpp-python) running the GGUF files; the reference is the unquan
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -28,6 +30,7 @@ from rich.progress import Progress
 from eval.accuracy import is_correct, paired_flips, wilson_interval
 from eval.divergence import HEADER, ROW_BLOCK, Divergence, encode
 from eval.mtp import decode_all, mismatches, mtp_summary, tokens_per_second
+from eval.paired import pair_table
 from eval.report import write_report
 from eval.runner import EvalError, Scorer, chunks, greedy, load
 from eval.tasks import Prompt, check_tasks, heldout_prompts, reasoning_prompts, text_only
@@ -37,6 +40,7 @@ from ft.recipe import EvalSection, ExportSection, Recipe
 from ft.rundir import claim, lock
 
 console = Console(stderr=True)
+RESULTS_FORMAT = 2  # results.json's layout; 2 added per-chunk KLD, per-prompt answers and paired differences
 
 
 def evaluation_tokens(settings: EvalSection, recipe: Recipe, processor: Any, llm: Any) -> list[int]:
@@ -176,6 +180,11 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "torch": torch.__version__}
 
 
+def digest(value: Any) -> str:
+    """SHA-256 of a JSON value: two evaluations scored the same tokens (prompts) when their digests are equal."""
+    return hashlib.sha256(json.dumps(value, default=str).encode()).hexdigest()
+
+
 def evaluate_run(target: Path, overrides: Sequence[str] = (), remeasure: bool = False) -> Path:
     """Measure every quant of a run against its reference GGUF and write the report; returns the report folder.
     `overrides` may change `eval.*` and `export.*`; results measured from the same files and settings are reused
@@ -191,14 +200,15 @@ def evaluate_run(target: Path, overrides: Sequence[str] = (), remeasure: bool = 
         return write_evaluation(run, recipe, recipe.eval_dir(run), remeasure)
 
 
-def evaluation_inputs(recipe: Recipe, manifest: Any, files: list[Path]) -> str:
-    """What an evaluation's numbers depend on: its settings, the bytes of every file measured, the evaluation data,
-    the machine and the software. Equal inputs mean the saved results still stand."""
+def evaluation_inputs(recipe: Recipe, file_shas: list[str]) -> str:
+    """What an evaluation's numbers depend on: its settings, the bytes of every file measured (their SHA-256s), the
+    evaluation data, the machine and the software. Equal inputs mean the saved results still stand."""
     from quantize.manifest import fingerprint, sha256
 
     settings = recipe.eval or EvalSection()
     data = [settings.text, recipe.data.eval, recipe.data.train]
-    return fingerprint("eval", settings.model_dump(mode="json"), [manifest.entry(f.name)["sha256"] for f in files],
+    return fingerprint("eval", RESULTS_FORMAT, settings.model_dump(mode="json"),
+                       file_shas,
                        [sha256(p) if p is not None and p.is_file() else str(p) for p in data], device_name(),
                        versions())
 
@@ -217,7 +227,7 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
     `out`; returns `out`."""
     from ft.models import load_processor
     from quantize.manifest import Manifest
-    from quantize.pipeline import export_trained
+    from quantize.pipeline import export_trained, model_checkpoint
 
     settings = recipe.eval or EvalSection()
     export = recipe.export or ExportSection()
@@ -226,16 +236,19 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
     reference = folder / f"{run.name}-{export.reference}.gguf"
     drafters = [f for f in manifest.files.values() if f["kind"] == "MTP drafter"]
     drafter = folder / drafters[0]["file"] if drafters and settings.speed else None
-    rows = [(f"{export.reference} (reference)", reference)] + [
-        (q, folder / f"{run.name}-{q}.gguf") for q in settings.quants
-    ]
-    inputs = evaluation_inputs(recipe, manifest, [*(path for _, path in rows), *([drafter] if drafter else [])])
+    rows = [(f"{export.reference} (reference)", reference, {})]
+    rows += [(q, folder / f"{run.name}-{q}.gguf", {"quant": q}) for q in settings.quants]
+    rows += [(f"{name}/{q}", folder / name / f"{run.name}-{q}.gguf", {"quant": q, "variant": name})
+             for name in export.variants for q in export.variant(name).quants]
+    manifests = {path.parent: Manifest(path.parent / "manifest.json") for _, path, _ in rows}
+    files = [*(path for _, path, _ in rows), *([drafter] if drafter else [])]
+    inputs = evaluation_inputs(recipe, [manifests[f.parent].entry(f.name)["sha256"] for f in files])
     saved = None if remeasure else saved_results(out, inputs)
     if saved is not None:
         console.print(f"up to date: {out / 'report.md'} (measured {saved['date']} from these files and settings; "
                       "--remeasure measures again)", highlight=False)
         return out
-    processor = load_processor(str(folder / "merged"), recipe.data.image_soft_tokens)
+    processor = load_processor(str(model_checkpoint(run, recipe, folder)[0]), recipe.data.image_soft_tokens)
 
     prompts = reasoning_prompts(settings.tasks, settings.samples, settings.seed) if settings.samples else []
     if settings.heldout and recipe.data.eval:
@@ -254,10 +267,10 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
         measured = []
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("evaluate", total=len(rows))
-            for label, path in rows:
+            for label, path, identity in rows:
                 progress.update(task, description=f"evaluate {label}")
-                measured.append(measure(label, path, manifest, tokens, settings, ref_logprobs, targets, prompts,
-                                        processor, reference_correct, drafter, speed_prompts))
+                measured.append(measure(label, path, manifests[path.parent], tokens, settings, ref_logprobs, targets,
+                                        prompts, processor, reference_correct, drafter, speed_prompts, identity))
                 progress.advance(task)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -267,7 +280,9 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
         "drafter": drafter.name if drafter else None, "device": device_name(), "versions": versions(),
         "date": datetime.date.today().isoformat(), "inputs": inputs, "settings": settings.model_dump(mode="json"),
         "tasks": list(dict.fromkeys(p.task for p in prompts)), "divergence_tokens": int(len(targets)),
-        "quants": measured,
+        "scored_tokens_sha256": digest(tokens),
+        "prompts_sha256": digest([[p.task, p.messages, p.answer] for p in prompts]),
+        "quants": measured, "pairs": pair_table(measured),
     }
     write_report(results, out)
     console.print(f"[green]report written to {out / 'report.md'}")
@@ -276,9 +291,13 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
 
 def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: EvalSection, ref: LogprobStore,
             targets: np.ndarray, prompts: list[Prompt], processor: Any, reference_correct: list[bool],
-            drafter: Path | None, speed_prompts: list[list[int]]) -> dict[str, Any]:
-    """Every metric of one file; a file llama.cpp cannot use is reported with its error instead."""
-    entry: dict[str, Any] = {"type": label, "file": path.name}
+            drafter: Path | None, speed_prompts: list[list[int]], identity: dict[str, str] | None = None
+            ) -> dict[str, Any]:
+    """Every metric of one file (`identity`: its quant type and variant, kept in the row); a file llama.cpp cannot
+    use is reported with its error instead."""
+    identity = identity or {}
+    file = f"{identity['variant']}/{path.name}" if "variant" in identity else path.name  # variants share names
+    entry: dict[str, Any] = {"type": label, "file": file, **identity}
     if path.name in manifest.files:
         entry["bits_per_weight"] = manifest.entry(path.name).get("bits_per_weight")
     try:
@@ -286,8 +305,9 @@ def measure(label: str, path: Path, manifest: Any, tokens: list[int], settings: 
         if prompts:
             correct = answers(path, prompts, processor, settings)
             entry["accuracy"] = accuracy_table(correct, reference_correct, prompts)
+            entry["answers"] = [int(c) for c in correct]  # per prompt, in order: paired intervals between rows
         if settings.speed and speed_prompts:
             entry["speed"] = speed_of(path, drafter, speed_prompts, settings)
     except EvalError as exc:
-        entry = {"type": label, "file": path.name, "error": str(exc)}
+        entry = {"type": label, "file": file, **identity, "error": str(exc)}
     return entry

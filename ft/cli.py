@@ -1,8 +1,9 @@
-"""`ft` command line: train, quantize, eval, validate, plan, schema.
+"""`ft` command line: train, quantize, eval, compare, validate, plan, schema.
 
     ft train recipes/demo.yaml [--resume] [KEY.PATH=VALUE ...]
     ft quantize runs/demo [export.KEY=VALUE ...]
     ft eval runs/demo [--remeasure] [eval.KEY=VALUE | export.KEY=VALUE ...]
+    ft compare runs/study/eval runs/demo/eval [--out comparison]
     ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
     ft plan recipes/gemma4-12b-qlora.yaml [KEY.PATH=VALUE ...]
     ft schema > recipe.schema.json
@@ -74,6 +75,9 @@ def train(
     export / eval sections."""
     try:
         loaded = load_recipe(recipe, overrides)
+        if loaded.study:
+            raise FtError(f"{loaded.where('study')}: a study trains nothing; run `ft quantize {recipe}` or "
+                          f"`ft eval {recipe}`")
         _check_recipe(loaded, resume)  # before anything slow: a recipe that cannot work fails in about a second
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
@@ -134,6 +138,23 @@ def evaluate(
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {folder / 'report.md'}")
+
+
+@app.command()
+def compare(
+    folders: Annotated[list[Path], typer.Argument(help="Evaluation folders (ft eval's output.dir/eval).",
+                                                  show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for comparison.csv and report.md.")] = Path("comparison"),
+) -> None:
+    """One report over several evaluations of the same text: every quant side by side, and each quant of a later
+    evaluation against the same type in the first, with paired 95% intervals."""
+    from eval.compare import write_comparison
+
+    try:
+        report = write_comparison(folders, out)
+    except FtError as exc:
+        _fail(exc)
+    err.print(f"[green]ok[/]: {report}")
 
 
 @app.command()

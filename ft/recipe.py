@@ -57,6 +57,12 @@ class ModelSection(Section):
         "auto", description="Base weights while training: nf4 is QLoRA (bitsandbytes 4-bit NF4, double-quantized) on "
         "the decoder's linear layers; auto is nf4 on CUDA and none elsewhere."
     )
+    gguf: Path | None = Field(
+        None, description="A study's unquantized GGUF of this model (F32, F16 or BF16, as export.reference says), "
+        "one you already have: it is the reference that every quant is made from and measured against, linked "
+        "into the export rather than converted again; model.name still gives the tokenizer, chat template and "
+        "projector. Needs study: true.",
+    )
 
 
 class DataSection(Section):
@@ -147,6 +153,27 @@ class OutputSection(Section):
     overwrite: bool = Field(False, description="Start afresh even if the run directory already has a run in it.")
 
 
+class VariantSection(Section):
+    """One named quantization setting of a study, written to `<export folder>/<name>/`; a key it leaves out is the
+    export section's."""
+
+    quants: list[str] | None = Field(None, min_length=1, description="Types to write (default: export.quants).")
+    imatrix: Literal["auto", "on", "off"] | None = Field(None, description="As export.imatrix (default: its value).")
+    calibration: Path | None = Field(None, description="As export.calibration (default: its value).")
+    calibration_rows: int | None = Field(None, ge=1, description="As export.calibration_rows (default: its value).")
+    tensor_types: dict[str, str] | None = Field(None, description="As export.tensor_types (default: its value).")
+
+    @field_validator("quants")
+    @classmethod
+    def _known_quants(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _quant_names(value)
+
+    @field_validator("imatrix", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        return _on_off(value)
+
+
 class ExportSection(Section):
     """What `ft quantize` writes: GGUF files for llama.cpp and Ollama (merged model, projector, drafter, quants)."""
 
@@ -174,6 +201,10 @@ class ExportSection(Section):
         description="Per-tensor type overrides, GGUF tensor name (regex) -> type, e.g. token_embd.weight: Q8_0.",
     )
     dir: Path | None = Field(None, description="Export folder (default: output.dir/gguf).")
+    variants: dict[str, VariantSection] = Field(
+        default_factory=dict, description="Named quantization settings besides the plain one (name -> settings), "
+        "each written to export.dir/NAME/ and measured by ft eval against the same reference in the same pass.",
+    )
 
     @field_validator("quants")
     @classmethod
@@ -185,12 +216,27 @@ class ExportSection(Section):
     def _yaml_booleans(cls, value: object) -> object:
         return _on_off(value)
 
+    @field_validator("variants")
+    @classmethod
+    def _folder_names(cls, value: dict[str, VariantSection]) -> dict[str, VariantSection]:
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name == "merged"]
+        if bad:
+            raise ValueError(f"variant names become folder names: {', '.join(bad)} is not one (letters, digits, "
+                             "'_', '.', '-'; not 'merged')")
+        return value
+
     @model_validator(mode="after")
     def _imatrix_available(self) -> ExportSection:
-        needing = [q for q in self.quants if q in NEEDS_IMATRIX]
-        if self.imatrix == "off" and needing:
-            raise ValueError(f"{', '.join(needing)} need an importance matrix, but export.imatrix is off")
+        for name, export in [("", self), *((f"variants.{n}.", self.variant(n)) for n in self.variants)]:
+            needing = [q for q in export.quants if q in NEEDS_IMATRIX]
+            if export.imatrix == "off" and needing:
+                raise ValueError(f"{', '.join(needing)} need an importance matrix, but export.{name}imatrix is off")
         return self
+
+    def variant(self, name: str) -> ExportSection:
+        """The export settings of variant `name`: its own keys over this section's, without variants."""
+        own = self.variants[name].model_dump(exclude_none=True)
+        return self.model_construct(**{**dict(self), **own, "variants": {}})
 
 
 class EvalSection(Section):
@@ -226,6 +272,10 @@ class EvalSection(Section):
 class Recipe(Section):
     """A whole `ft` recipe. Relative paths are relative to the recipe file's folder."""
 
+    study: bool = Field(
+        False, description="A quant-sensitivity study: nothing is trained; ft quantize exports the model as it is "
+        "(model.name, or model.gguf) and ft eval measures its quants. A study has no lora or train section."
+    )
     model: ModelSection
     data: DataSection
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -236,6 +286,21 @@ class Recipe(Section):
     eval: EvalSection | None = None
 
     _where: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _gguf_is_a_study(cls, value: ModelSection, info: ValidationInfo) -> ModelSection:
+        # a trained run's reference is its merged model: a given GGUF would silently measure something else
+        if value.gguf is not None and not info.data.get("study"):
+            raise ValueError("model.gguf is the reference of a study, which trains nothing; add study: true")
+        return value
+
+    @field_validator("lora", "train")  # runs only for sections the recipe spells out
+    @classmethod
+    def _nothing_to_train(cls, value: Section, info: ValidationInfo) -> Section:
+        if info.data.get("study"):
+            raise ValueError(f"a study (study: true) trains nothing; remove the {info.field_name} section")
+        return value
 
     def where(self, key: str) -> str:
         """`file:line: key` (or `override '...': key`) of a recipe key, for errors found after validation.
@@ -279,11 +344,19 @@ class Recipe(Section):
         output = self.output.model_copy(update={"dir": (base / self.output.dir).resolve()})
         update = {"data": data, "output": output}
         local = base / self.model.name
+        model = {}
         if self.model.name.startswith(("./", "../")) or local.is_dir():
-            update["model"] = self.model.model_copy(update={"name": str(local.resolve())})
+            model["name"] = str(local.resolve())
+        if self.model.gguf is not None:
+            model["gguf"] = (base / self.model.gguf).resolve()
+        if model:
+            update["model"] = self.model.model_copy(update=model)
         if self.export is not None:
             paths = {key: (base / value).resolve() for key in ("calibration", "dir")
                      if (value := getattr(self.export, key)) is not None}
+            variants = {name: v.model_copy(update={"calibration": (base / v.calibration).resolve()})
+                        if v.calibration is not None else v for name, v in self.export.variants.items()}
+            paths["variants"] = variants
             drafter = self.export.drafter
             if drafter is not None and not drafter.startswith(TINY_PREFIX):
                 paths["drafter"] = str((base / drafter).resolve())

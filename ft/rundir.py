@@ -32,7 +32,8 @@ from ft.errors import FtError
 MARKER = ".ft-run"
 LOCK = ".ft-lock"
 VERSION = 1
-KINDS = {"run": "run directory", "export": "export folder", "eval": "evaluation folder"}
+KINDS = {"run": "run directory", "export": "export folder", "eval": "evaluation folder",
+         "compare": "comparison folder"}
 
 _held: dict[Path, list[int]] = {}  # folder -> [lock file descriptor, nesting depth] of the locks this process holds
 

@@ -86,6 +86,21 @@ def test_demo_report_files(demo_run: Path) -> None:
         assert (out / plot).read_bytes()[:8] == PNG_MAGIC, plot
 
 
+def test_demo_pairs_each_quant_with_the_next_larger(results: dict[str, Any]) -> None:
+    """The paired differences: one per quant, against the next one up in bits per weight, whose accuracy difference
+    is the difference of the two rows' per-prompt answers, and whose KLD difference is that of their means."""
+    rows = sorted(results["quants"], key=lambda q: -q["bits_per_weight"])
+    assert [(p["type"], p["against"]) for p in results["pairs"]] == [
+        (a["type"], b["type"]) for a, b in zip(rows[1:], rows[:-1])]
+    for pair, (a, b) in zip(results["pairs"], zip(rows[1:], rows[:-1])):
+        kld = pair["kld_mean"]
+        assert kld["difference"] == pytest.approx(a["divergence"]["kld_mean"] - b["divergence"]["kld_mean"])
+        assert kld["low"] <= kld["difference"] <= kld["high"]
+        n = len(a["answers"])
+        assert pair["accuracy"]["difference"] == pytest.approx((sum(a["answers"]) - sum(b["answers"])) / n)
+        assert n == sum(t["n"] for t in a["accuracy"].values())
+
+
 def test_report_lists_where_mtp_output_differed(results: dict[str, Any]) -> None:
     assert "Where MTP output differed" not in markdown(results)  # the demo's quantized targets are identical
     changed = json.loads(json.dumps(results))

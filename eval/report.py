@@ -77,17 +77,26 @@ def plot_divergence(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> None:
-    rows = [q for q in _measured(results) if q.get("accuracy")]
+    """Accuracy against bits per weight per task: the plain quants as a line, each variant with a marker of its own,
+    and, where there are variants, the frontier (the best accuracy for the size)."""
+    everything = [q for q in _measured(results) if q.get("accuracy")]
+    variants = list(dict.fromkeys(q["variant"] for q in everything if "variant" in q))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for task in results["tasks"]:
-        points = [(q["bits_per_weight"], q["accuracy"][task]) for q in rows if task in q["accuracy"]]
-        if not points:
-            continue
-        x = [p[0] for p in points]
-        y = [100 * p[1]["accuracy"] for p in points]
-        low = [100 * (p[1]["accuracy"] - p[1]["wilson95"][0]) for p in points]
-        high = [100 * (p[1]["wilson95"][1] - p[1]["accuracy"]) for p in points]
-        ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=task)
+    for task, color in zip(results["tasks"], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+        scored = [q for q in everything if task in q["accuracy"]]
+        for variant, marker in [(None, "o"), *zip(variants, "^vD<>Ph*X")]:
+            group = [q for q in scored if q.get("variant") == variant]
+            if not group:
+                continue
+            result = [q["accuracy"][task] for q in group]
+            ax.errorbar([q["bits_per_weight"] for q in group], [100 * r["accuracy"] for r in result],
+                        yerr=[[100 * (r["accuracy"] - r["wilson95"][0]) for r in result],
+                              [100 * (r["wilson95"][1] - r["accuracy"]) for r in result]],
+                        marker=marker, capsize=3, color=color, linestyle="-" if variant is None else "none",
+                        label=task if variant is None else f"{task}, {variant}")
+        if variants and scored:  # frontier() takes a loss: accuracy enters negated
+            best = frontier([(q["bits_per_weight"], -q["accuracy"][task]["accuracy"]) for q in scored])
+            ax.plot([b for b, _ in best], [-100 * a for _, a in best], color=color, linewidth=0.8, alpha=0.5)
     ax.set_xlabel("bits per weight")
     ax.set_ylabel("exact-match accuracy (%), 95% Wilson interval")
     ax.grid(alpha=0.3)

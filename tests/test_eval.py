@@ -196,6 +196,8 @@ def test_divergence_matches_numpy_on_llama_cpp_logits(demo_run: Path, processor)
     ref_logits, logits, targets = (np.concatenate(x) for x in (ref_logits, logits, targets))
     got = divergence.summary()
     assert got["tokens"] == 3 * 63
+    chunk_kld = got.pop("chunk_kld")  # each window's mean KLD, for the paired intervals; the windows score alike
+    assert len(chunk_kld) == len(windows) and np.mean(chunk_kld) == pytest.approx(got["kld_mean"], rel=1e-9)
     # Both sides' log-probabilities on ft's 16-bit grid (the stored reference, and the quant's rounded to match it);
     # top-1 from the exact logits.
     gridded = independent_metrics(ft_divergence.decode(ft_divergence.encode(ref_logits)).astype(np.float64),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +160,9 @@ def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Fi
     """(dotted key, field) of every value of a recipe, nested sections walked."""
     leaves = []
     for name, field in model.model_fields.items():
-        nested = [a for a in getattr(field.annotation, "__args__", (field.annotation,))
+        # a section, or an optional one (X | None); a dict or list of sections (export.variants) is one value
+        union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+        nested = [a for a in (typing.get_args(field.annotation) if union else (field.annotation,))
                   if isinstance(a, type) and issubclass(a, BaseModel)]
         leaves += _leaf_fields(nested[0], f"{prefix}{name}.") if nested else [(f"{prefix}{name}", field)]
     return leaves

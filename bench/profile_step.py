@@ -63,7 +63,16 @@ def drop_liger(model: torch.nn.Module, on: bool) -> None:
         _LIGER.clear()
 
 
-SWITCHES = {"sdpa": use_sdpa, "no-liger": drop_liger}  # each runs SWITCH_STEPS steps after the profiled ones
+def compile_now(model: torch.nn.Module, on: bool) -> None:
+    """Compiled decoder layers (`ft.compiled`) on the model as loaded (Liger's kernels kept); cannot be undone, so
+    it must be the last switch."""
+    from ft.compiled import compile_layers
+
+    if on:
+        compile_layers(model)
+
+
+SWITCHES = {"sdpa": use_sdpa, "no-liger": drop_liger, "compile": compile_now}  # each runs SWITCH_STEPS steps after the profiled ones
 SWITCH_STEPS = 2  # the first may warm up new kernels; the second is the one to read
 
 
@@ -132,6 +141,7 @@ class StepProfiler(TrainerCallback):
             "clip_and_optimizer": m.get("optimizer_end", 0.0) - m.get("backward_end", 0.0),
             "after_optimizer": m["end"] - m.get("optimizer_end", m["end"]),
         })
+        print(f"step {state.global_step} ({self.steps[-1]['variant']}): {self.steps[-1]['seconds']:.3f} s", flush=True)
         if self._prof is not None and state.global_step == self.start + self.count - 1:
             self._prof.__exit__(None, None, None)
             wall = sum(s["seconds"] for s in self.steps[-self.count:])
@@ -247,6 +257,8 @@ def main() -> None:
         profiler = StepProfiler(args.warmup + 1, args.profiled, args.trace, args.switches)
         summary = train(recipe, backend, callbacks=[profiler], started_at=psutil.Process().create_time())
     result = {"tokens": args.tokens, "backend": backend.name, "overrides": args.set, "summary_throughput": summary["throughput"],
+              "first_step_after_seconds": summary.get("first_step_after_seconds"),
+              "compiled_graphs": summary.get("compiled_graphs"),
               "memory": summary.get("memory"), "steps": profiler.steps, "profile": profiler.profile}
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}
     previous["variants"][args.label or args.path] = result

@@ -109,6 +109,7 @@ def chunked_mask(
     return ChunkedMask([] if causal else chunks, causal)
 
 
+@torch.compiler.disable  # the chunk layout differs per row: compiled layers (`ft.compiled`) would recompile for each
 def chunked_attention(
     module: nn.Module,
     query: torch.Tensor,

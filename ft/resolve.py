@@ -21,6 +21,8 @@ calls for `CUDA_WITH_UNSLOTH`, the machine a recipe's plan is for, from any mach
   checkpointing: offloading unless `off`; tiles when `on`, or on CUDA when `auto` and the untiled step would not fit
   `train.memory_budget_gb` (`ft.memory` estimates; a CUDA run that fits in no way is refused here, before any weights
   load).
+- compiled layers (`ft.compiled`): `auto` compiles the hf backend's decoder layers on CUDA, where its step is bound by
+  kernel launches, and not on a CPU, where compiling takes longer than a CPU run gains; unsloth compiles its own.
 - wandb: `auto` is online when `WANDB_API_KEY` is set, else offline.
 
     >>> from ft.recipe import Recipe
@@ -106,6 +108,7 @@ class Settings:
     gradient_checkpointing: bool
     offload_activations: bool
     tiled_mlp: bool
+    compiled_layers: bool
     wandb: Literal["disabled", "offline", "online"]
     plan: MemoryPlan | None  # the CUDA step's memory estimate the tiling and budget decisions used; None on a CPU
 
@@ -192,6 +195,7 @@ def resolve(recipe: Recipe, backend: Backend, step_tokens: int | None = None) ->
         gradient_checkpointing=_checkpointing(recipe, backend.name),
         offload_activations=offload,
         tiled_mlp=tiled,
+        compiled_layers=_compiled_layers(recipe, backend),
         wandb=_wandb(recipe),
         plan=plan,
     )
@@ -216,6 +220,14 @@ def _checkpointing(recipe: Recipe, backend: BackendName) -> bool:
 def _ft_checkpointing(recipe: Recipe, backend: BackendName) -> bool:
     """Whether ft's memory work (offloading, MLP tiles) can run: it hooks into the hf backend's checkpointing."""
     return backend == "hf" and _checkpointing(recipe, backend)
+
+
+def _compiled_layers(recipe: Recipe, backend: Backend) -> bool:
+    """Compiled decoder layers (`ft.compiled`) on the hf backend: `auto` on CUDA, where a step is bound by kernel
+    launches (docs/BENCHMARKS.md#training-speed-on-users-data); on a CPU compiling takes minutes that a CPU run never
+    wins back. unsloth compiles its own."""
+    setting = recipe.train.compile_layers
+    return backend.name == "hf" and (setting == "on" or (setting == "auto" and backend.device == "cuda"))
 
 
 def _wandb(recipe: Recipe) -> Literal["disabled", "offline", "online"]:

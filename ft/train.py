@@ -37,6 +37,7 @@ from trl import SFTConfig, SFTTrainer
 from ft import backends
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
 from ft.batching import LengthGroupedEpochSampler, padding_share
+from ft.compiled import compiled_graphs
 from ft.callbacks import MetricsLog, RichProgress, StepClock, read_metrics
 from ft.data_checks import load_data
 from ft.encode import collate_items, encoded_dataset
@@ -205,6 +206,8 @@ def summarize(recipe: Recipe, records: list[dict[str, Any]], seconds: float, mod
     if evals and evals[0]["eval_loss"]:
         summary["eval_loss_drop"] = 1.0 - evals[-1]["eval_loss"] / evals[0]["eval_loss"]
     summary["throughput"] = clock.throughput()
+    if settings.compiled_layers:  # a count that grows with the run's shapes would mean recompiling (`ft.compiled`)
+        summary["compiled_graphs"] = compiled_graphs()
     if clock.first_step_end is not None:  # from ft's start: imports, data checks and loading included
         summary["first_step_after_seconds"] = round(clock.first_step_end - started_at, 1)
         summary["last_step_after_seconds"] = round(clock.last_step_end - started_at, 1)

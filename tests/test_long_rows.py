@@ -1,7 +1,8 @@
-"""ft's machinery for long rows against references, on the tiny model and a padded batch with image and audio rows:
-its chunked attention (ft.attention) against transformers' own eager attention, with query chunks small enough that
-every row spans many chunks and the sliding window crosses chunk borders (same logits, same LoRA gradients), its
-per-chunk masks against the dense mask, and the tiled MLP (ft.tiling) against the untiled one."""
+"""ft's machinery for long rows and fast steps against references, on the tiny model and a padded batch with image
+and audio rows: its chunked attention (ft.attention) against transformers' own eager attention, with query chunks
+small enough that every row spans many chunks and the sliding window crosses chunk borders (same logits, same LoRA
+gradients), its per-chunk masks against the dense mask, the tiled MLP (ft.tiling) against the untiled one, and the
+compiled decoder layers (ft.compiled) against eager ones."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from transformers.masking_utils import (
 from ft import attention
 from ft.data import load_rows
 from ft.encode import collate, encode_row
+from ft.compiled import compile_layers, compiled_graphs
 from ft.lora import apply_lora
 from ft.recipe import LoraSection
 from ft.tiling import tile_mlps
@@ -79,6 +81,29 @@ def test_tiled_mlp_equals_untiled(tiny, batch) -> None:
     assert tile_mlps(model, tile=24) == 6  # every decoder layer's MLP, each row cut into several tiles
     assert batch["input_ids"].shape[1] > 3 * 24
     assert_same(forward_backward(model, batch), reference)
+
+
+def test_compiled_layers_equal_eager_without_recompiling(tiny, batch) -> None:
+    """Compiled layers under gradient checkpointing give eager's logits, loss and LoRA gradients on the padded
+    image/audio batch (chunked attention) and on a plain text row (one causal call), and a row of a new length
+    compiles nothing more: the graphs are shape-dynamic. Traced with "aot_eager" here (Dynamo and AOTAutograd, as on
+    the GPU; Inductor's code generation is torch's own and runs on the GPU in tests/test_gpu.py)."""
+    text, longer = ({key: value[1:2, :length] for key, value in batch.items()
+                     if key in ("input_ids", "attention_mask", "labels")} for length in (40, 57))
+    eager, compiled = (lora_model(tiny, attention.register()) for _ in range(2))
+    for model in (eager, compiled):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert compile_layers(compiled, backend="aot_eager") == 6
+    for inputs in (batch, text):
+        for model in (eager, compiled):
+            model.zero_grad()
+        assert_same(forward_backward(compiled, inputs), forward_backward(eager, inputs))
+    graphs = compiled_graphs()
+    compiled.zero_grad()
+    eager.zero_grad()
+    assert_same(forward_backward(compiled, longer), forward_backward(eager, longer))
+    assert compiled_graphs() == graphs
 
 
 def test_chunk_masks_tile_the_dense_mask() -> None:

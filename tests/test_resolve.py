@@ -58,7 +58,7 @@ def test_header_and_summary_print_the_resolved_settings(demo_run: Path) -> None:
         assert summary["settings"] == {
             "backend": "hf", "backend_reason": "auto on a machine without CUDA", "device": "cpu", "dtype": "float32",
             "quantization": "none", "gradient_checkpointing": False, "offload_activations": False,
-            "tiled_mlp": False, "wandb": "offline"}
+            "tiled_mlp": False, "compiled_layers": False, "wandb": "offline"}
 
 
 @pytest.mark.parametrize("setting", ["auto", "hf"])
@@ -150,10 +150,11 @@ def test_cpu_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.as_dict() == {
         "backend": "hf", "backend_reason": "auto on a machine without CUDA", "device": "cpu", "dtype": "float32",
         "quantization": "none", "gradient_checkpointing": True, "offload_activations": False, "tiled_mlp": True,
-        "wandb": "offline"}
+        "compiled_layers": False, "wandb": "offline"}
     assert settings.plan is None
     for overrides, decided in ((["train.gradient_checkpointing=false"], {"tiled_mlp": False}),
                                (["train.tiled_mlp=auto"], {"tiled_mlp": False}),
+                               (["train.compile_layers=on"], {"compiled_layers": True}),
                                (["model.dtype=bfloat16", "model.quantization=nf4"],
                                 {"dtype": "bfloat16", "quantization": "nf4"})):
         changed = load_recipe(tmp_path / "r.yaml", overrides)
@@ -174,11 +175,13 @@ def test_cuda_settings(tmp_path: Path) -> None:
         "backend_reason": f"auto on CUDA with micro-batches up to {step} ({recipe.train.batch_size} x "
                           f"{recipe.data.max_seq_length}), where unsloth is the faster (up to {UNSLOTH_STEP_TOKENS}) "
                           f"over a long run; {UNSLOTH_WAIT}",
-        "gradient_checkpointing": True, "offload_activations": False, "tiled_mlp": False, "wandb": "disabled"}
+        "gradient_checkpointing": True, "offload_activations": False, "tiled_mlp": False, "compiled_layers": False,
+        "wandb": "disabled"}
     assert unsloth.plan is not None and unsloth.plan.backend == "unsloth" and unsloth.plan.quantized
     hf = load_recipe(tmp_path / "r.yaml", ["train.backend=hf", "train.gradient_checkpointing=true"])
     settings = resolve.resolve(hf, choose_backend(hf, CUDA_WITH_UNSLOTH))
     assert (settings.backend, settings.gradient_checkpointing, settings.offload_activations) == ("hf", True, True)
+    assert settings.compiled_layers  # auto on CUDA; unsloth compiles its own
     assert settings.plan is not None and settings.plan.offload and not settings.plan.tiled_mlp
     assert settings.plan.tokens == hf.train.batch_size * hf.data.max_seq_length
     assert f"planned peak {settings.plan.total_gib:.1f} GiB for a step of {settings.plan.tokens} tokens" in \

@@ -82,10 +82,10 @@ def train(
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
         with held:
-            from ft.data import count_rows
+            from ft.data_sources import count_records
             from ft.resolve import choose_backend, optimizer_steps, this_machine
 
-            steps = optimizer_steps(loaded, count_rows(loaded.data.train))
+            steps = optimizer_steps(loaded, count_records(loaded.data.train))
             backend = choose_backend(loaded, this_machine(), steps)  # imports unsloth, if it is the one, before trl
             from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
 

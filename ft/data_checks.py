@@ -22,29 +22,25 @@ from rich.progress import track
 from rich.text import Text
 from transformers import ProcessorMixin
 
-from ft.data import MAX_LISTED_PROBLEMS, Row, load_rows, raise_if_problems
-from ft.encode import length_of
-from ft.recipe import IMAGE_SOFT_TOKENS, Recipe
+from ft.data import MAX_LISTED_PROBLEMS, Row, raise_if_problems
+from ft.data_split import recipe_rows
+from ft.encode import encode_row, truncate
+from ft.recipe import IMAGE_SOFT_TOKENS, DataSection, Recipe
 
 console = Console(stderr=True)
 LARGE_IMAGE_FACTOR = 16
+PLACES_SHOWN = 5  # rows named when too_long drops or cuts some
 
 
 def load_data(recipe: Recipe, processor: ProcessorMixin) -> tuple[list[Row], list[Row], list[int]]:
-    """Train and eval rows, every one checked, and the train rows' token lengths; errors about the files
-    themselves name the recipe key."""
-    loaded, lengths = [], []
-    for key in ("data.train", "data.eval"):
-        path = getattr(recipe.data, key.split(".")[1])
-        if path is None:
-            loaded.append([])
-            continue
-        with recipe.blame(key):
-            rows = load_rows(path)
-        measured = check_rows(rows, processor, recipe.data.max_seq_length, key.split(".")[1])
-        lengths = lengths or measured
-        loaded.append(rows)
-    return loaded[0], loaded[1], lengths
+    """Train and eval rows, every one checked and too-long ones dropped or cut as data.too_long says, and the train
+    rows' token lengths; errors about the sources themselves name the recipe key."""
+    train, held = recipe_rows(recipe)
+    console.print(Text(f"data.train: {len(train)} rows read as {train.format} ({train.why})"), highlight=False,
+                  soft_wrap=True)
+    train, lengths = check_rows(train, processor, recipe.data, "data.train")
+    held, _ = check_rows(held, processor, recipe.data, "data.eval") if held else ([], [])
+    return train, held, lengths
 
 
 def image_limits(processor: ProcessorMixin) -> tuple[int, int]:
@@ -71,30 +67,63 @@ def check_image_sizes(row: Row, min_side: int, max_pixels: int) -> list[str]:
     return warnings
 
 
-def check_rows(rows: list[Row], processor: ProcessorMixin, max_seq_length: int, label: str) -> list[int]:
-    """Encode every valid row to measure it; raise a DataError listing all bad rows. Returns token lengths."""
+def _places(rows: list[Row]) -> str:
+    shown = ", ".join(row.where for row in rows[:PLACES_SHOWN])
+    return shown + (f" and {len(rows) - PLACES_SHOWN} more" if len(rows) > PLACES_SHOWN else "")
+
+
+def check_rows(rows: list[Row], processor: ProcessorMixin, data: DataSection, label: str) -> tuple[list[Row], list[int]]:
+    """Encode every valid row to measure it; raise a DataError listing all bad rows. Returns the rows kept (too-long
+    ones dropped, or kept to be cut when encoded, as data.too_long says) and their token lengths."""
     min_side, max_pixels = image_limits(processor)
-    lengths, warnings = [], []
+    limit = data.max_seq_length
+    kept, lengths, warnings, dropped, cut = [], [], [], [], []
     # Off a terminal, a transient bar would leave only an empty line before ft's message.
-    for row in track(rows, description=f"check {label} data", console=console, transient=True,
+    for row in track(rows, description=f"check {label}", console=console, transient=True,
                      disable=not console.is_terminal):
         if not row.problems:
             warnings += check_image_sizes(row, min_side, max_pixels)
         if row.problems:
-            lengths.append(0)
             continue
         try:
-            n = length_of(row, processor)
+            features = encode_row(row, processor)
         except (ValueError, OSError) as exc:
             row.problems.append(f"cannot be encoded: {exc}")
-            lengths.append(0)
             continue
-        if n > max_seq_length:
-            row.problems.append(f"{n} tokens, longer than data.max_seq_length ({max_seq_length})")
+        n = int(features["input_ids"].numel())
+        if n > limit and data.too_long == "error":
+            row.problems.append(f"{n} tokens, longer than data.max_seq_length ({limit})")
+            continue
+        if n > limit:
+            short = truncate(features, limit, processor) if data.too_long == "truncate" else None
+            if short is None:
+                dropped.append(row)
+                continue
+            cut.append(row)
+            n = int(short["input_ids"].numel())
+        kept.append(row)
         lengths.append(n)
     if len(warnings) > MAX_LISTED_PROBLEMS:
         warnings[MAX_LISTED_PROBLEMS:] = [f"... and {len(warnings) - MAX_LISTED_PROBLEMS} more large images"]
     for warning in warnings:  # paths are user input: never parsed as Rich markup
         console.print(Text.assemble(("warning: ", "yellow"), warning), highlight=False, soft_wrap=True)
     raise_if_problems(rows)
-    return lengths
+    report_too_long(label, len(rows), dropped, cut, data)
+    return kept, lengths
+
+
+def report_too_long(label: str, total: int, dropped: list[Row], cut: list[Row], data: DataSection) -> None:
+    """Say what data.too_long did; stop when it dropped more than data.max_dropped of the rows."""
+    over = f"longer than data.max_seq_length ({data.max_seq_length})"
+    if cut:
+        console.print(Text(f"{label}: {len(cut)} of {total} rows {over} truncated: {_places(cut)}"),
+                      highlight=False, soft_wrap=True)
+    if not dropped:
+        return
+    why = "left with no trained token once truncated" if data.too_long == "truncate" else over
+    message = f"{len(dropped)} of {total} rows ({len(dropped) / total:.1%}) {why}"
+    if len(dropped) > data.max_dropped * total:
+        raise DataError(f"{label}: {message} would be dropped, more than data.max_dropped "
+                        f"({data.max_dropped:.1%}): {_places(dropped)}. Raise data.max_seq_length, or set "
+                        "data.too_long=truncate (or data.max_dropped)")
+    console.print(Text(f"{label}: {message} dropped: {_places(dropped)}"), highlight=False, soft_wrap=True)

@@ -3,6 +3,18 @@
 Loss falls on assistant turns only: the tokens after `<|turn>model\\n` up to and including the closing `<turn|>`
 (so the model learns to stop). Image and audio placeholder tokens never carry loss.
 
+A row longer than `data.max_seq_length` is cut (`data.too_long: truncate`, `truncate`) so that it ends as the chat
+template ends a row:
+- text is cut at the end, token by token; a cut that would fall inside an image or audio span (from its begin token
+  through its end token) moves to before the span, and the media after the cut leave the row with their tokens
+  (their pixel values or audio frames too);
+- a cut inside a turn closes that turn with the template's own closing tokens (the tokens from the row's last
+  `<turn|>` to its end), which carry no loss: the model is not taught to stop where the cut fell; a cut inside a turn's
+  header (`<|turn>model` and its newline) drops the whole turn;
+- labels stay where the assistant spoke; a row left with no labelled token is dropped (None).
+Token-level, as LLaMA-Factory's `cutoff_len` and axolotl's `truncate` are, so that the row keeps exactly
+`max_length` tokens, not a guess from characters.
+
     >>> from ft.tiny import tiny_processor
     >>> from ft.data import load_rows
     >>> row = load_rows(Path("data/demo/train.jsonl"))[0]
@@ -94,6 +106,74 @@ def length_of(row: Row, processor: ProcessorMixin) -> int:
     return int(encode_row(row, processor)["input_ids"].numel())
 
 
+MEDIA = (("image", "boi_token", "eoi_token", ("pixel_values", "image_position_ids")),
+         ("audio", "boa_token", "eoa_token", ("input_features", "input_features_mask")))
+
+
+def _spans(ids: list[int], begin: int, end: int) -> list[tuple[int, int]]:
+    """[start, stop) of every begin ... end span."""
+    spans, start = [], None
+    for i, token in enumerate(ids):
+        if token == begin:
+            start = i
+        elif token == end and start is not None:
+            spans.append((start, i + 1))
+            start = None
+    return spans
+
+
+def _turn_body_start(ids: list[int], turn_open: int, newline: set[int], cut: int) -> tuple[int, int] | None:
+    """(start, body start) of the last turn opened before `cut`; None before the first turn."""
+    start = max((i for i in range(cut) if ids[i] == turn_open), default=None)
+    if start is None:
+        return None
+    body = next((i + 1 for i in range(start + 1, len(ids)) if ids[i] in newline), len(ids))
+    return start, body
+
+
+def truncate(features: dict[str, Any], max_length: int, processor: ProcessorMixin) -> dict[str, Any] | None:
+    """`features` cut to at most `max_length` tokens as the module says; None when no labelled token is left."""
+    tokenizer = processor.tokenizer
+    ids = features["input_ids"].tolist()
+    if len(ids) <= max_length:
+        return features
+    turn_open, turn_close = tokenizer.convert_tokens_to_ids([TURN_OPEN, TURN_CLOSE])
+    closing = ids[max(i for i, t in enumerate(ids) if t == turn_close):]
+    newline = {t for t in set(ids) if "\n" in tokenizer.decode([t])}
+    cut = max_length - len(closing)
+    spans = {kind: _spans(ids, *tokenizer.convert_tokens_to_ids([getattr(processor, b), getattr(processor, e)]))
+             for kind, b, e, _ in MEDIA}
+    for start, stop in (s for kind_spans in spans.values() for s in kind_spans):
+        if start < cut < stop:
+            cut = start
+    tail: list[int] = []
+    turn = _turn_body_start(ids, turn_open, newline, cut)
+    if turn is not None:
+        start, body = turn
+        close = next((i for i in range(start, len(ids)) if ids[i] == turn_close), len(ids))
+        if cut < body:  # inside the header: the turn goes
+            cut = start
+        elif cut < close + len(closing):  # inside the body, or the turn's closing tokens
+            cut, tail = min(cut, close), closing
+    out = dict(features)
+    out["input_ids"] = torch.tensor(ids[:cut] + tail, dtype=features["input_ids"].dtype)
+    out["labels"] = torch.cat([features["labels"][:cut], torch.full((len(tail),), IGNORE_INDEX,
+                                                                    dtype=features["labels"].dtype)])
+    out["attention_mask"] = torch.ones_like(out["input_ids"], dtype=features["attention_mask"].dtype)
+    out["mm_token_type_ids"] = torch.cat([features["mm_token_type_ids"][:cut],
+                                          torch.zeros(len(tail), dtype=features["mm_token_type_ids"].dtype)])
+    for kind, _, _, keys in MEDIA:
+        kept = sum(1 for _, stop in spans[kind] if stop <= cut)
+        for key in keys:
+            if key in out:
+                out[key] = out[key][:kept]
+                if not kept:
+                    del out[key]
+    if not (out["labels"] != IGNORE_INDEX).any():
+        return None
+    return out
+
+
 def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded rows into a batch; images and audio clips are stacked across rows in order.
 
@@ -133,11 +213,17 @@ def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     return batch
 
 
-def encoded_dataset(rows: list[Row], processor: ProcessorMixin) -> datasets.Dataset:
+def encoded_dataset(rows: list[Row], processor: ProcessorMixin, max_length: int | None = None) -> datasets.Dataset:
     """The rows as a `datasets.Dataset` (what trl's trainers take) that encodes a row only when it is read, so image
-    pixels never pile up in memory; each item is {"features": encode_row(...)}, batched by `collate_items`."""
+    pixels never pile up in memory; each item is {"features": encode_row(...)}, cut to `max_length` tokens where
+    given (rows that `truncate` would drop were dropped by the data checks), batched by `collate_items`."""
+
+    def encode(row: Row) -> dict[str, Any]:
+        features = encode_row(row, processor)
+        return features if max_length is None else truncate(features, max_length, processor) or features
+
     dataset = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
-    dataset.set_transform(lambda batch: {"features": [encode_row(rows[i], processor) for i in batch["row"]]})
+    dataset.set_transform(lambda batch: {"features": [encode(rows[i]) for i in batch["row"]]})
     return dataset
 
 

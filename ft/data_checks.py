@@ -25,6 +25,7 @@ from transformers import ProcessorMixin
 from ft.data import MAX_LISTED_PROBLEMS, Row, raise_if_problems
 from ft.data_split import recipe_rows
 from ft.encode import encode_row, truncate
+from ft.errors import DataError
 from ft.recipe import IMAGE_SOFT_TOKENS, DataSection, Recipe
 
 console = Console(stderr=True)

@@ -41,6 +41,7 @@ class Row:
     where: str
     base: Path
     problems: list[str] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)  # once checked: text, image, audio and trained tokens
 
     def media(self, kind: str) -> list[Path]:
         return [path for _, path in self.media_parts(kind)]

@@ -16,6 +16,8 @@ again every time the row is encoded, at every epoch.
 
 from __future__ import annotations
 
+from typing import Any
+
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
@@ -24,7 +26,7 @@ from transformers import ProcessorMixin
 
 from ft.data import MAX_LISTED_PROBLEMS, Row, raise_if_problems
 from ft.data_split import recipe_rows
-from ft.encode import encode_row, truncate
+from ft.encode import IGNORE_INDEX, encode_row, truncate
 from ft.errors import DataError
 from ft.recipe import IMAGE_SOFT_TOKENS, DataSection, Recipe
 
@@ -96,14 +98,14 @@ def check_rows(rows: list[Row], processor: ProcessorMixin, data: DataSection, la
             row.problems.append(f"{n} tokens, longer than data.max_seq_length ({limit})")
             continue
         if n > limit:
-            short = truncate(features, limit, processor) if data.too_long == "truncate" else None
-            if short is None:
+            features = truncate(features, limit, processor) if data.too_long == "truncate" else None
+            if features is None:
                 dropped.append(row)
                 continue
             cut.append(row)
-            n = int(short["input_ids"].numel())
+        row.tokens = token_counts(features, processor)
         kept.append(row)
-        lengths.append(n)
+        lengths.append(int(features["input_ids"].numel()))
     if len(warnings) > MAX_LISTED_PROBLEMS:
         warnings[MAX_LISTED_PROBLEMS:] = [f"... and {len(warnings) - MAX_LISTED_PROBLEMS} more large images"]
     for warning in warnings:  # paths are user input: never parsed as Rich markup
@@ -111,6 +113,14 @@ def check_rows(rows: list[Row], processor: ProcessorMixin, data: DataSection, la
     raise_if_problems(rows)
     report_too_long(label, len(rows), dropped, cut, data)
     return kept, lengths
+
+
+def token_counts(features: dict[str, Any], processor: ProcessorMixin) -> dict[str, int]:
+    """Tokens of an encoded row: text (turn markers included), image and audio soft tokens, and trained ones."""
+    ids = features["input_ids"]
+    image, audio = (int((ids == token).sum()) for token in (processor.image_token_id, processor.audio_token_id))
+    trained = int((features["labels"] != IGNORE_INDEX).sum())
+    return {"text": int(ids.numel()) - image - audio, "image": image, "audio": audio, "trained": trained}
 
 
 def report_too_long(label: str, total: int, dropped: list[Row], cut: list[Row], data: DataSection) -> None:

@@ -1,5 +1,5 @@
-"""Rows over data.max_seq_length (data.too_long: drop, truncate, error; data.max_dropped) and the held-out split
-taken from data.train (data.eval_split)."""
+"""Rows over data.max_seq_length (data.too_long: drop, truncate, error; data.max_dropped), the held-out split
+taken from data.train (data.eval_split), and `ft data`, which shows both before training."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from ft.data import Row
+from ft.data import Row, load_rows
 from ft.data_checks import check_rows
 from ft.data_split import held_out, recipe_rows
-from ft.encode import IGNORE_INDEX, assistant_mask, encode_row, truncate
+from ft.encode import IGNORE_INDEX, assistant_mask, encode_row, render, truncate
 from ft.errors import DataError
 from ft.recipe import DataSection
 from ft.recipe_io import load_recipe
-from conftest import DEMO_DATA, ROOT, write_recipe
+from conftest import DEMO_DATA, ROOT, run_ft, write_recipe
 
 IMAGE = DEMO_DATA / "images" / "train_0004.png"
 
@@ -135,3 +136,32 @@ def test_recipe_eval_split_holds_rows_out_of_data_train(tmp_path):
     assert not {r.where for r in train} & {r.where for r in held}
     with pytest.raises(Exception, match="hold rows out of data.train or give data.eval, not both"):
         load_recipe(ROOT / "recipes" / "demo.yaml", ["data.eval_split=0.05"])
+
+
+def test_ft_data_prints_the_summary_and_writes_the_png(tmp_path, processor, monkeypatch):
+
+    png = tmp_path / "lengths.png"
+    heldout = DEMO_DATA / "heldout.jsonl"
+    result = run_ft("data", str(ROOT / "recipes" / "demo.yaml"), "--png", str(png), f"data.train={heldout}",
+                    "data.eval=null")
+    assert result.returncode == 0, result.stderr
+    rows = load_rows(heldout)
+    monkeypatch.setattr(processor.image_processor, "max_soft_tokens", 70)  # the demo's data.image_soft_tokens
+    features = [encode_row(r, processor) for r in rows]
+    total = sum(int(f["input_ids"].numel()) for f in features)
+    trained = sum(int((f["labels"] != IGNORE_INDEX).sum()) for f in features)
+    assert f"data.train: {len(rows)} rows, {total} tokens" in result.stderr
+    assert f"; {trained} trained" in result.stderr
+    assert "data.train: messages (its 'messages' column" in result.stderr
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+    # the first rows as the model sees them: the chat template's text, each media placeholder as a token count
+    first = rows[0]
+    ids = features[0]["input_ids"]
+    expected = render(first, processor)
+    for token, begin, end, kind in ((processor.image_token, processor.boi_token, processor.eoi_token, "image"),
+                                    (processor.audio_token, processor.boa_token, processor.eoa_token, "audio")):
+        n = int((ids == processor.tokenizer.convert_tokens_to_ids(token)).sum())
+        expected = expected.replace(token, f"{begin}<{kind}: {n} tokens>{end}")
+    assert f"--- {first.where}\n{expected}" in result.stderr
+    assert result.stderr.count("\n--- ") == 3

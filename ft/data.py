@@ -23,7 +23,7 @@ import soundfile
 from PIL import Image, UnidentifiedImageError
 
 from ft.data_formats import detect_format, to_messages
-from ft.data_sources import read_records
+from ft.data_sources import Record, read_records
 from ft.errors import DataError
 from ft.recipe import ColumnsSection, DataSource
 
@@ -42,6 +42,7 @@ class Row:
     base: Path
     problems: list[str] = field(default_factory=list)
     tokens: dict[str, int] = field(default_factory=dict)  # once checked: text, image, audio and trained tokens
+    encoding: tuple[np.ndarray, np.ndarray] | None = None  # once checked, a row without media: token ids and labels
 
     def media(self, kind: str) -> list[Path]:
         return [path for _, path in self.media_parts(kind)]
@@ -65,6 +66,20 @@ class Rows(list[Row]):
         self.format, self.why = fmt, why
 
 
+def _first_format(records: list[Record], columns: ColumnsSection) -> tuple[str, str]:
+    """The format of the first record that fits one (bad rows before it are reported as rows); the first record's
+    error when none fits."""
+    first_error = None
+    for record in records:
+        if record.values is None:
+            continue
+        try:
+            return detect_format(record.values, columns, record.where)
+        except DataError as exc:
+            first_error = first_error or exc
+    raise first_error or DataError(f"{records[0].where}: no readable row")
+
+
 def load_rows(source: DataSource, fmt: str = "auto", columns: ColumnsSection | None = None) -> Rows:
     """Read every row of a data source in ft's form; problems with a row are attached to it, not raised."""
     columns = columns or ColumnsSection()
@@ -73,8 +88,7 @@ def load_rows(source: DataSource, fmt: str = "auto", columns: ColumnsSection | N
         raise DataError(f"{source}: no rows")
     why = f"data.format is {fmt}"
     if fmt == "auto":
-        first = next((r for r in records if r.values is not None), records[0])
-        fmt, why = detect_format(first.values, columns, first.where)
+        fmt, why = _first_format(records, columns)
     rows = []
     for record in records:
         row = Row([], record.where, base, list(record.problems))

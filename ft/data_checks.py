@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
@@ -26,13 +27,16 @@ from transformers import ProcessorMixin
 
 from ft.data import MAX_LISTED_PROBLEMS, Row, raise_if_problems
 from ft.data_split import recipe_rows
-from ft.encode import IGNORE_INDEX, encode_row, truncate
+from ft import encode_cache
+from ft.encode import IGNORE_INDEX, encode_row, encode_rows, truncate
+from ft.encode_cache import Encoded
 from ft.errors import DataError
 from ft.recipe import IMAGE_SOFT_TOKENS, DataSection, Recipe
 
 console = Console(stderr=True)
 LARGE_IMAGE_FACTOR = 16
 PLACES_SHOWN = 5  # rows named when too_long drops or cuts some
+CHUNK = 512  # rows encoded together
 
 
 def load_data(recipe: Recipe, processor: ProcessorMixin) -> tuple[list[Row], list[Row], list[int]]:
@@ -76,43 +80,82 @@ def _places(rows: list[Row]) -> str:
 
 
 def check_rows(rows: list[Row], processor: ProcessorMixin, data: DataSection, label: str) -> tuple[list[Row], list[int]]:
-    """Encode every valid row to measure it; raise a DataError listing all bad rows. Returns the rows kept (too-long
-    ones dropped, or kept to be cut when encoded, as data.too_long says) and their token lengths."""
+    """Encode every valid row to measure it (or read the encoding that an earlier run kept, `ft.encode_cache`); raise
+    a DataError listing all bad rows. Returns the rows kept (too-long ones dropped or cut, as data.too_long says) and
+    their token lengths; each kept row carries its token counts, and a row without media its token ids and labels."""
     min_side, max_pixels = image_limits(processor)
-    limit = data.max_seq_length
-    kept, lengths, warnings, dropped, cut = [], [], [], [], []
-    # Off a terminal, a transient bar would leave only an empty line before ft's message.
-    for row in track(rows, description=f"check {label}", console=console, transient=True,
-                     disable=not console.is_terminal):
-        if not row.problems:
-            warnings += check_image_sizes(row, min_side, max_pixels)
-        if row.problems:
-            continue
-        try:
-            features = encode_row(row, processor)
-        except (ValueError, OSError) as exc:
-            row.problems.append(f"cannot be encoded: {exc}")
-            continue
-        n = int(features["input_ids"].numel())
-        if n > limit and data.too_long == "error":
-            row.problems.append(f"{n} tokens, longer than data.max_seq_length ({limit})")
-            continue
-        if n > limit:
-            features = truncate(features, limit, processor) if data.too_long == "truncate" else None
-            if features is None:
-                dropped.append(row)
-                continue
-            cut.append(row)
-        row.tokens = token_counts(features, processor)
-        kept.append(row)
-        lengths.append(int(features["input_ids"].numel()))
+    warnings = [w for row in rows if not row.problems for w in check_image_sizes(row, min_side, max_pixels)]
     if len(warnings) > MAX_LISTED_PROBLEMS:
         warnings[MAX_LISTED_PROBLEMS:] = [f"... and {len(warnings) - MAX_LISTED_PROBLEMS} more large images"]
     for warning in warnings:  # paths are user input: never parsed as Rich markup
         console.print(Text.assemble(("warning: ", "yellow"), warning), highlight=False, soft_wrap=True)
-    raise_if_problems(rows)
+    key = None if any(row.problems for row in rows) else encode_cache.encoding_key(rows, processor, data)
+    entries = encode_cache.load(key) if key else None
+    if entries is None:
+        entries = _encode_all(rows, processor, data, label)
+        raise_if_problems(rows)
+        if key:
+            encode_cache.save(key, entries)
+    kept, lengths, dropped, cut = [], [], [], []
+    for row, entry in zip(rows, entries, strict=True):
+        if entry.fate == "dropped":
+            dropped.append(row)
+            continue
+        if entry.fate == "cut":
+            cut.append(row)
+        row.tokens = entry.counts
+        if not row.media("image") and not row.media("audio"):
+            row.encoding = (entry.input_ids, entry.labels)
+        kept.append(row)
+        lengths.append(len(entry.input_ids))
     report_too_long(label, len(rows), dropped, cut, data)
     return kept, lengths
+
+
+def _encode_all(rows: list[Row], processor: ProcessorMixin, data: DataSection, label: str) -> list[Encoded]:
+    """Each row's fate under data.too_long, token counts, ids and labels; problems are added to the rows."""
+    limit = data.max_seq_length
+    entries = []
+    # Off a terminal, a transient bar would leave only an empty line before ft's message.
+    for start in track(range(0, len(rows), CHUNK), description=f"encode {label}", console=console, transient=True,
+                       disable=not console.is_terminal):
+        chunk = rows[start : start + CHUNK]
+        usable = [row for row in chunk if not row.problems]
+        encoded = dict(zip(map(id, usable), _encoded(usable, processor), strict=True))
+        for row in chunk:
+            features = encoded.get(id(row))
+            if features is None:
+                entries.append(Encoded("dropped", {}))  # a row with problems: the run stops before using it
+                continue
+            n = int(features["input_ids"].numel())
+            fate = "kept"
+            if n > limit and data.too_long == "error":
+                row.problems.append(f"{n} tokens, longer than data.max_seq_length ({limit})")
+            elif n > limit:
+                fate = "cut"
+                features = truncate(features, limit, processor) if data.too_long == "truncate" else None
+            if features is None:
+                entries.append(Encoded("dropped", {}))
+                continue
+            entries.append(Encoded(fate, token_counts(features, processor), features["input_ids"].numpy().astype(
+                np.int32), features["labels"].numpy().astype(np.int32)))
+    return entries
+
+
+def _encoded(rows: list[Row], processor: ProcessorMixin) -> list[dict[str, Any] | None]:
+    """The rows encoded together; where that fails, one by one, so that the rows that cannot be are named (None)."""
+    try:
+        return encode_rows(rows, processor)
+    except (ValueError, OSError):
+        pass
+    encoded: list[dict[str, Any] | None] = []
+    for row in rows:
+        try:
+            encoded.append(encode_row(row, processor))
+        except (ValueError, OSError) as exc:
+            row.problems.append(f"cannot be encoded: {exc}")
+            encoded.append(None)
+    return encoded
 
 
 def token_counts(features: dict[str, Any], processor: ProcessorMixin) -> dict[str, int]:

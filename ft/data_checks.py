@@ -43,8 +43,9 @@ def load_data(recipe: Recipe, processor: ProcessorMixin) -> tuple[list[Row], lis
     """Train and eval rows, every one checked and too-long ones dropped or cut as data.too_long says, and the train
     rows' token lengths; errors about the sources themselves name the recipe key."""
     train, held = recipe_rows(recipe)
-    console.print(Text(f"data.train: {len(train)} rows read as {train.format} ({train.why})"), highlight=False,
-                  soft_wrap=True)
+    if train.format != "messages":  # ft's own form needs no word; another one says how auto found it
+        console.print(Text(f"data.train: {len(train)} rows read as {train.format} ({train.why})"), highlight=False,
+                      soft_wrap=True)
     train, lengths = check_rows(train, processor, recipe.data, "data.train")
     held, _ = check_rows(held, processor, recipe.data, "data.eval") if held else ([], [])
     return train, held, lengths

@@ -2,8 +2,10 @@
 
 `ft.data` reads the rows and checks their shape and media files; here every row that passed is encoded with the
 model's processor to check what only the processor knows: image sizes and token length. All problems of all rows are
-collected and raised as one error, so a user fixes a dataset in one pass. Nothing here imports trl, so
-`ft validate` stays a data check, not a trainer start.
+collected and raised as one error, so a user fixes a dataset in one pass. Rows over data.max_seq_length are dropped,
+cut (`ft.encode.truncate`) or reported as errors, as data.too_long says, and named; past data.max_dropped the run
+stops. The encoding is kept between runs (`ft.encode_cache`). Nothing here imports trl, so `ft validate` stays a
+data check, not a trainer start.
 
 Image sizes follow the image processor (transformers' Gemma4UnifiedImageProcessor), which resizes every image, up or
 down with its aspect ratio kept, to fit `data.image_soft_tokens` soft tokens of pooling x pooling patches of
@@ -25,9 +27,9 @@ from rich.progress import track
 from rich.text import Text
 from transformers import ProcessorMixin
 
+from ft import encode_cache
 from ft.data import MAX_LISTED_PROBLEMS, Row, raise_if_problems
 from ft.data_split import recipe_rows
-from ft import encode_cache
 from ft.encode import IGNORE_INDEX, encode_row, encode_rows, truncate
 from ft.encode_cache import Encoded
 from ft.errors import DataError

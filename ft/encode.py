@@ -118,7 +118,8 @@ def encode_row(row: Row, processor: ProcessorMixin) -> dict[str, Any]:
 
 def encode_rows(rows: list[Row], processor: ProcessorMixin) -> list[dict[str, Any]]:
     """`encode_row` of every row, the rows without media rendered first and tokenized in one call (the fast
-    tokenizer's batch runs on every core): a fifth of the time, row for row, of the processor's call."""
+    tokenizer's batch runs on every core): a quarter of the time, row for row, of the processor's call (docs/BENCHMARKS.md,
+    "Data checks and encoding")."""
     text = [i for i, row in enumerate(rows) if not row.media("image") and not row.media("audio")]
     tokenized = processor.tokenizer([render(rows[i], processor) for i in text])["input_ids"] if text else []
     by_text = dict(zip(text, tokenized, strict=True))

@@ -206,7 +206,9 @@ def evaluation_inputs(recipe: Recipe, file_shas: list[str]) -> str:
     from quantize.manifest import fingerprint, sha256
 
     settings = recipe.eval or EvalSection()
-    data = [settings.text, recipe.data.eval, recipe.data.train]
+    # the rows as read (data.format, data.columns) and held out (data.eval_split) are part of the evaluation data
+    data = [settings.text, recipe.data.eval, recipe.data.train, recipe.data.format,
+            json.dumps(recipe.data.columns.model_dump(), sort_keys=True), recipe.data.eval_split]
     return fingerprint("eval", RESULTS_FORMAT, settings.model_dump(mode="json"),
                        file_shas,
                        [sha256(p) if isinstance(p, Path) and p.is_file() else str(p) for p in data], device_name(),

@@ -112,6 +112,8 @@ def check_rows(rows: list[Row], processor: ProcessorMixin, data: DataSection, la
         kept.append(row)
         lengths.append(len(entry.input_ids))
     report_too_long(label, len(rows), dropped, cut, data)
+    if rows and not kept:  # data.max_dropped of 1 lets every row go; nothing is left to train or evaluate on
+        raise DataError(f"{label}: all {len(rows)} rows were dropped (data.too_long: {data.too_long})")
     return kept, lengths
 
 

@@ -217,7 +217,8 @@ def importance_matrix(job: Export, merged: Path, merged_inputs: str, recipe: Rec
 
     data = export.calibration or recipe.data.train
     inputs = fingerprint(
-        "imatrix", merged_inputs, sha256(data) if isinstance(data, Path) and data.is_file() else str(data), export.calibration_rows
+        "imatrix", merged_inputs, sha256(data) if isinstance(data, Path) and data.is_file() else str(data),
+        export.calibration_rows, recipe.data.format, recipe.data.columns.model_dump(),
     )
 
     def build(path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +21,12 @@ from ft.recipe_io import load_recipe
 from conftest import DEMO_DATA, ROOT, run_ft, write_recipe
 
 IMAGE = DEMO_DATA / "images" / "train_0004.png"
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks keep their encoding in the datasets cache: a test's own, not the user's."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
 
 
 def _row(messages: list[dict], where: str = "t.jsonl:1") -> Row:
@@ -58,6 +65,8 @@ def test_more_dropped_than_max_dropped_stops_with_the_numbers(processor):
         check_rows(rows, processor, _data(max_seq_length=64), "data.train")
     kept, _ = check_rows(rows, processor, _data(max_seq_length=64, max_dropped=0.7), "data.train")
     assert [r.where for r in kept] == ["t.jsonl:1"]
+    with pytest.raises(DataError, match=r"data.train: all 2 rows were dropped \(data.too_long: drop\)"):
+        check_rows(rows[1:], processor, _data(max_seq_length=64, max_dropped=1.0), "data.train")
 
 
 def test_error_reports_each_long_row(processor):
@@ -143,7 +152,7 @@ def test_ft_data_prints_the_summary_and_writes_the_png(tmp_path, processor, monk
     png = tmp_path / "lengths.png"
     heldout = DEMO_DATA / "heldout.jsonl"
     result = run_ft("data", str(ROOT / "recipes" / "demo.yaml"), "--png", str(png), f"data.train={heldout}",
-                    "data.eval=null")
+                    "data.eval=null", env={"HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")})
     assert result.returncode == 0, result.stderr
     rows = load_rows(heldout)
     monkeypatch.setattr(processor.image_processor, "max_soft_tokens", 70)  # the demo's data.image_soft_tokens

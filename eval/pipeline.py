@@ -34,7 +34,7 @@ from eval.paired import pair_table
 from eval.report import write_report
 from eval.runner import EvalError, Scorer, chunks, greedy, load
 from eval.tasks import Prompt, check_tasks, heldout_prompts, reasoning_prompts, text_only
-from ft.data import load_rows
+from ft.data_split import recipe_rows
 from ft.errors import FtError
 from ft.recipe import EvalSection, ExportSection, Recipe
 from ft.rundir import claim, lock
@@ -51,8 +51,8 @@ def evaluation_tokens(settings: EvalSection, recipe: Recipe, processor: Any, llm
     if settings.text is not None:
         text, special = settings.text.read_text(encoding="utf-8"), False
     else:
-        source = recipe.data.eval or recipe.data.train
-        conversations = text_only(load_rows(source))
+        train, held = recipe_rows(recipe)
+        conversations = text_only(held or train)
         text, special = "".join(processor.apply_chat_template(c, tokenize=False) for c in conversations), True
     tokens = llm.tokenize(text.encode(), add_bos=False, special=special)
     bos = llm.tokenize(b"", add_bos=True, special=False)  # [BOS] where the vocabulary adds one, else []
@@ -206,10 +206,12 @@ def evaluation_inputs(recipe: Recipe, file_shas: list[str]) -> str:
     from quantize.manifest import fingerprint, sha256
 
     settings = recipe.eval or EvalSection()
-    data = [settings.text, recipe.data.eval, recipe.data.train]
+    # the rows as read (data.format, data.columns) and held out (data.eval_split) are part of the evaluation data
+    data = [settings.text, recipe.data.eval, recipe.data.train, recipe.data.format,
+            json.dumps(recipe.data.columns.model_dump(), sort_keys=True), recipe.data.eval_split]
     return fingerprint("eval", RESULTS_FORMAT, settings.model_dump(mode="json"),
                        file_shas,
-                       [sha256(p) if p is not None and p.is_file() else str(p) for p in data], device_name(),
+                       [sha256(p) if isinstance(p, Path) and p.is_file() else str(p) for p in data], device_name(),
                        versions())
 
 
@@ -251,8 +253,8 @@ def write_evaluation(run: Path, recipe: Recipe, out: Path, remeasure: bool = Fal
     processor = load_processor(str(model_checkpoint(run, recipe, folder)[0]), recipe.data.image_soft_tokens)
 
     prompts = reasoning_prompts(settings.tasks, settings.samples, settings.seed) if settings.samples else []
-    if settings.heldout and recipe.data.eval:
-        prompts += heldout_prompts(load_rows(recipe.data.eval))
+    if settings.heldout and (held := recipe_rows(recipe)[1]):
+        prompts += heldout_prompts(held)
 
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=out))
     try:

@@ -1,10 +1,11 @@
-"""`ft` command line: train, quantize, eval, compare, validate, plan, schema.
+"""`ft` command line: train, quantize, eval, compare, validate, data, plan, schema.
 
     ft train recipes/demo.yaml [--resume] [KEY.PATH=VALUE ...]
     ft quantize runs/demo [export.KEY=VALUE ...]
     ft eval runs/demo [--remeasure] [eval.KEY=VALUE | export.KEY=VALUE ...]
     ft compare runs/study/eval runs/demo/eval [--out comparison]
     ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
+    ft data recipes/demo.yaml [--png lengths.png] [KEY.PATH=VALUE ...]
     ft plan recipes/gemma4-12b-qlora.yaml [KEY.PATH=VALUE ...]
     ft schema > recipe.schema.json
     ft --verbose COMMAND ...                   # also show the libraries' warnings and log messages
@@ -82,10 +83,10 @@ def train(
         with loaded.blame("output.dir"):
             held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
         with held:
-            from ft.data import count_rows
+            from ft.data_sources import count_records
             from ft.resolve import choose_backend, optimizer_steps, this_machine
 
-            steps = optimizer_steps(loaded, count_rows(loaded.data.train))
+            steps = optimizer_steps(loaded, count_records(loaded.data.train))
             backend = choose_backend(loaded, this_machine(), steps)  # imports unsloth, if it is the one, before trl
             from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
 
@@ -169,6 +170,27 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
         with loaded.blame("model.name"):
             processor = load_processor(loaded.model.name, loaded.data.image_soft_tokens)
         load_data(loaded, processor)
+    except FtError as exc:
+        _fail(exc)
+    err.print(f"[green]ok[/]: {recipe}")
+
+
+@app.command()
+def data(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    png: Annotated[Path, typer.Option("--png", help="Where to write the length histogram.")] = Path("data-lengths.png"),
+) -> None:
+    """Show the recipe's data as ft will train on it: format, row and token counts, lengths, what data.too_long
+    drops or cuts, three rows as the model sees them (needs the processor only, no weights, no GPU)."""
+    try:
+        loaded = load_recipe(recipe, overrides)
+        from ft.data_report import describe_data
+        from ft.models import load_processor
+
+        with loaded.blame("model.name"):
+            processor = load_processor(loaded.model.name, loaded.data.image_soft_tokens)
+        describe_data(loaded, processor, png)
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {recipe}")

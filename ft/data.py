@@ -1,6 +1,7 @@
-"""Load chat rows from JSONL, parquet or a saved `datasets` folder, and check their shape and media files.
+"""Load chat rows from any data source (`ft.data_sources`) in any known format (`ft.data_formats`), and check their
+shape and media files.
 
-A row is `{"messages": [{"role": ..., "content": [parts]}]}`; a part is `{"type": "text", "text": ...}`,
+In ft's own form, a row is `{"messages": [{"role": ..., "content": [parts]}]}`; a part is `{"type": "text", "text": ...}`,
 `{"type": "image", "path": ...}` or `{"type": "audio", "path": ...}`, paths relative to the data file's folder.
 Content may also be a plain string. Every problem in every row is collected before anything trains; the checks
 that need the model's processor (image sizes, token length) and the loading of a recipe's data are in
@@ -13,7 +14,6 @@ that need the model's processor (image sizes, token length) and the loading of a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,10 @@ import numpy as np
 import soundfile
 from PIL import Image, UnidentifiedImageError
 
+from ft.data_formats import detect_format, to_messages
+from ft.data_sources import Record, read_records
 from ft.errors import DataError
+from ft.recipe import ColumnsSection, DataSource
 
 ROLES = ("system", "developer", "user", "assistant")
 PART_TYPES = ("text", "image", "audio")
@@ -38,6 +41,8 @@ class Row:
     where: str
     base: Path
     problems: list[str] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)  # once checked: text, image, audio and trained tokens
+    encoding: tuple[np.ndarray, np.ndarray] | None = None  # once checked, a row without media: token ids and labels
 
     def media(self, kind: str) -> list[Path]:
         return [path for _, path in self.media_parts(kind)]
@@ -53,102 +58,49 @@ class Row:
         ]
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+class Rows(list[Row]):
+    """The rows of one data source, with the format they were read as and why (`ft.data_formats`)."""
+
+    def __init__(self, rows: list[Row], fmt: str, why: str) -> None:
+        super().__init__(rows)
+        self.format, self.why = fmt, why
+
+
+def _first_format(records: list[Record], columns: ColumnsSection) -> tuple[str, str]:
+    """The format of the first record that fits one (bad rows before it are reported as rows); the first record's
+    error when none fits."""
+    first_error = None
+    for record in records:
+        if record.values is None:
+            continue
+        try:
+            return detect_format(record.values, columns, record.where)
+        except DataError as exc:
+            first_error = first_error or exc
+    raise first_error or DataError(f"{records[0].where}: no readable row")
+
+
+def load_rows(source: DataSource, fmt: str = "auto", columns: ColumnsSection | None = None) -> Rows:
+    """Read every row of a data source in ft's form; problems with a row are attached to it, not raised."""
+    columns = columns or ColumnsSection()
+    records, base = read_records(source)
+    if not records:
+        raise DataError(f"{source}: no rows")
+    why = f"data.format is {fmt}"
+    if fmt == "auto":
+        fmt, why = _first_format(records, columns)
     rows = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
+    for record in records:
+        row = Row([], record.where, base, list(record.problems))
+        if record.values is not None:
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                rows.append(Row([], where, path.parent, [f"not UTF-8 text (byte {exc.start} of the line)"]))
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                # Some of json's messages end in "at" themselves ("Invalid control character at").
-                problem = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
-                rows.append(Row([], where, path.parent, [f"not valid JSON ({problem})"]))
-                continue
-            if not isinstance(record, dict):
-                rows.append(Row([], where, path.parent, ["a row must be a JSON object with a 'messages' key"]))
-                continue
-            rows.append(Row(record.get("messages"), where, path.parent))  # type: ignore[arg-type]
-    return rows
-
-
-def _strip_nulls(value: Any) -> Any:
-    """Parquet/arrow store parts as structs with every field present; drop the empty ones."""
-    if isinstance(value, dict):
-        return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_strip_nulls(v) for v in value]
-    return value
-
-
-def _read_table(path: Path) -> list[Row]:
-    import datasets
-
-    try:
-        table = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
-    except Exception as exc:  # datasets raises many types for unreadable input; all mean the same to a user
-        raise DataError(f"{path}: cannot read as a {'datasets folder' if path.is_dir() else 'parquet file'}: {exc}")
-    if isinstance(table, datasets.DatasetDict):
-        raise DataError(f"{path}: holds several splits ({', '.join(table)}); point data.train at one of them")
-    if "messages" not in table.column_names:
-        raise DataError(f"{path}: no 'messages' column (columns: {', '.join(table.column_names)})")
-    base = path if path.is_dir() else path.parent
-    return [Row(_strip_nulls(r["messages"]), f"{path}:row {i}", base) for i, r in enumerate(table)]
-
-
-def count_rows(path: Path) -> int | None:
-    r"""How many rows a data file holds, read cheaply (the lines of a JSONL file, a parquet file's or a datasets
-    folder's metadata), for a decision made before the rows load (`ft.resolve`); None where it cannot tell.
-
-    >>> import tempfile
-    >>> data = Path(tempfile.mkdtemp()) / "train.jsonl"
-    >>> _ = data.write_text('{"messages": []}\n\n{"messages": []}\n')
-    >>> count_rows(data), count_rows(data.with_name("missing.jsonl"))
-    (2, None)
-    """
-    try:
-        if path.is_dir():
-            import datasets
-
-            table = datasets.load_from_disk(str(path))
-            return table.num_rows if isinstance(table, datasets.Dataset) else None
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_metadata(path).num_rows
-        if path.suffix in (".jsonl", ".json"):
-            with path.open("rb") as f:
-                return sum(1 for line in f if line.strip())
-    except Exception:  # unreadable data is reported when the rows load (`load_rows`), naming the file and line
-        return None
-    return None
-
-
-def load_rows(path: Path) -> list[Row]:
-    """Read every row of a data file; format problems are attached to rows, not raised."""
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        rows = _read_table(path)
-    elif path.suffix == ".parquet":
-        rows = _read_table(path)
-    elif path.suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
-    else:
-        raise DataError(f"{path}: unsupported data format '{path.suffix}' (use .jsonl, .parquet or a datasets folder)")
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    for row in rows:
+                row.messages = to_messages(record.values, fmt, columns)
+            except ValueError as exc:
+                row.problems.append(str(exc))
         if not row.problems:
             row.problems.extend(check_messages(row))
-    return rows
+        rows.append(row)
+    return Rows(rows, fmt, why)
 
 
 def _check_part(part: Any, where: str, base: Path) -> list[str]:

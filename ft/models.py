@@ -11,7 +11,6 @@ Nothing here reaches the network unless the user's machine is online and not in 
 from __future__ import annotations
 
 import json
-import re
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -33,10 +32,10 @@ from transformers import (
 )
 
 from ft.errors import ModelError
+from ft.recipe import HUB_ID
 from ft.tiny import TINY_NAMES, TINY_PREFIX, build_tiny, save_tiny, tiny_config, tiny_processor
 
 MODEL_TYPE = "gemma4_unified"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PROBE_SECONDS = 5.0  # a reachable endpoint answers a TCP connect in well under a second
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

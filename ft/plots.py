@@ -1,4 +1,4 @@
-"""The loss curve of a run as a PNG: training loss per logged step and held-out loss per evaluation."""
+"""The PNGs ft draws: a run's loss curve (training and held-out loss per step) and `ft data`'s row lengths."""
 
 from __future__ import annotations
 
@@ -28,6 +28,23 @@ def loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path)
+
+
+def length_histogram(lengths: list[int], limit: int, path: Path, title: str) -> None:
+    """Histogram of row lengths in tokens with data.max_seq_length marked; the PNG is written atomically."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.hist(lengths, bins=40, color="tab:blue")
+    ax.axvline(limit, color="tab:red", linestyle="--", label=f"data.max_seq_length ({limit})")
+    ax.set_xlabel("tokens per row (after too_long)")
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

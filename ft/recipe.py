@@ -24,6 +24,9 @@ from ft.quant_types import NEEDS_IMATRIX, QUANT_TYPES
 LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMAGE_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 TINY_PREFIX = "tiny-random:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a data path ends with; a recipe string without one that names no local file and looks like a hub id is one.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 DEFAULT_QUANTS = ("Q8_0", "Q6_K", "Q4_K_M")
 
 
@@ -65,13 +68,72 @@ class ModelSection(Section):
     )
 
 
+class HubDataset(Section):
+    """A dataset on the Hugging Face hub, loaded through `datasets` (and its cache)."""
+
+    hub: str = Field(pattern=HUB_ID.pattern, description="Dataset id, such as HuggingFaceH4/ultrachat_200k.")
+    subset: str | None = Field(None, description="Subset (configuration) name, where the dataset has several.")
+    split: str = Field("train", min_length=1, description="Split to read, such as train or test_sft.")
+
+    def __str__(self) -> str:
+        return f"{self.hub}{f'/{self.subset}' if self.subset else ''}[{self.split}]"
+
+
+DataSource = Path | HubDataset
+
+
+class ColumnsSection(Section):
+    """Where a dataset keeps what ft needs, for files not in ft's own `messages` form; unset keys are guessed."""
+
+    messages: str | None = Field(None, description="Conversation column (default: messages, else conversations).")
+    role: str | None = Field(None, description="Role key of a turn (default: role, else from).")
+    content: str | None = Field(None, description="Content key of a turn (default: content, else value).")
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict, description="Role names of the file mapped to system, user or assistant, on top of "
+        "the usual ones (human, gpt, model, bot, ...).",
+    )
+    instruction: str = Field("instruction", description="Alpaca: the instruction column.")
+    input: str = Field("input", description="Alpaca: the optional input column, appended to the instruction.")
+    output: str = Field("output", description="Alpaca: the answer column.")
+    system: str = Field("system", description="Alpaca and sharegpt: an optional system prompt column.")
+    images: str = Field("images", description="Column of a row's images (paths, bytes or a datasets Image feature), "
+                        "placed at the <image> markers of the text, else before the first user text.")
+    audios: str = Field("audios", description="Column of a row's audio clips, placed at <audio> markers likewise.")
+
+
 class DataSection(Section):
-    train: Path = Field(description="Training data: a .jsonl file, a .parquet file or a datasets directory.")
-    eval: Path | None = Field(None, description="Held-out data in the same format; evaluated every train.eval_every.")
-    max_seq_length: int = Field(2048, ge=16, le=131072, description="Rows longer than this are reported as errors.")
+    train: DataSource = Field(description="Training data: a .jsonl, .json, .parquet, .csv or .arrow file, a datasets "
+                              "folder (save_to_disk), or a hub dataset id (or {hub, subset, split}).")
+    eval: DataSource | None = Field(None, description="Held-out data, from any source data.train takes; evaluated "
+                                    "every train.eval_every.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca"] = Field(
+        "auto", description="Row format: messages (ft's own), sharegpt (turns as from/value or role/content with "
+        "images/audios columns), alpaca (instruction/input/output); auto picks by the first row's keys."
+    )
+    columns: ColumnsSection = Field(default_factory=ColumnsSection, description="Column names of other formats.")
+    max_seq_length: int = Field(2048, ge=16, le=131072, description="Longest row in tokens (media tokens included).")
+    too_long: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="Rows over max_seq_length: drop them, truncate them (text cut at the end, never inside "
+        "an image or audio, the turn still closed), or report them as errors."
+    )
+    max_dropped: float = Field(0.1, ge=0.0, le=1.0, description="Largest share of rows that too_long may drop "
+                               "before the run stops.")
+    eval_split: float | int = Field(
+        0, ge=0, description="Held-out rows taken from data.train when data.eval is not given: a fraction below 1 "
+        "or a count; the same rows every run (a seeded hash of each row, train.seed)."
+    )
     image_soft_tokens: Literal[70, 140, 280, 560, 1120] = Field(
         280, description="Soft tokens per image (48 px patches); more tokens means more detail and more memory."
     )
+
+    @field_validator("eval_split")
+    @classmethod
+    def _split_size(cls, value: float | int, info: ValidationInfo) -> float | int:
+        if isinstance(value, float) and not value.is_integer() and value >= 1:
+            raise ValueError("a fraction must be below 1 (or give a whole number of rows)")
+        if value and info.data.get("eval") is not None:
+            raise ValueError("data.eval is given: hold rows out of data.train or give data.eval, not both")
+        return int(value) if isinstance(value, float) and value >= 1 else value
 
 
 class LoraSection(Section):
@@ -340,10 +402,7 @@ class Recipe(Section):
     def resolve_paths(self, base: Path) -> Recipe:
         """Return a copy whose relative paths are anchored at `base` (the recipe file's folder)."""
         data = self.data.model_copy(
-            update={
-                "train": (base / self.data.train).resolve(),
-                "eval": (base / self.data.eval).resolve() if self.data.eval else None,
-            }
+            update={"train": _data_source(base, self.data.train), "eval": _data_source(base, self.data.eval)}
         )
         output = self.output.model_copy(update={"dir": (base / self.output.dir).resolve()})
         update = {"data": data, "output": output}
@@ -368,3 +427,14 @@ class Recipe(Section):
         if self.eval is not None and self.eval.text is not None:
             update["eval"] = self.eval.model_copy(update={"text": (base / self.eval.text).resolve()})
         return self.model_copy(update=update)
+
+
+def _data_source(base: Path, source: DataSource | None) -> DataSource | None:
+    """A data path anchored at `base`, or the hub dataset a bare `owner/name` means when no such file is there."""
+    if not isinstance(source, Path):
+        return source
+    local = (base / source).resolve()
+    text = source.as_posix()
+    if not local.exists() and HUB_ID.match(text) and source.suffix not in DATA_SUFFIXES and not text.startswith("."):
+        return HubDataset(hub=text)
+    return local

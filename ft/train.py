@@ -241,8 +241,8 @@ def train(recipe: Recipe, backend: Backend, resume: bool = False, callbacks: Seq
     trainer = RecipeTrainer(
         model=model,
         args=training_arguments(recipe, settings, bool(eval_rows)),
-        train_dataset=encoded_dataset(train_rows, processor),
-        eval_dataset=encoded_dataset(eval_rows, processor) if eval_rows else None,
+        train_dataset=encoded_dataset(train_rows, processor, recipe.data.max_seq_length),
+        eval_dataset=encoded_dataset(eval_rows, processor, recipe.data.max_seq_length) if eval_rows else None,
         processing_class=processor,
         data_collator=partial(collate_items, pad_token_id=processor.tokenizer.pad_token_id),
         callbacks=[metrics, clock, RichProgress(), *callbacks],

@@ -33,7 +33,7 @@ import yaml
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
 from ft.encode import collate, encode_row
 from ft.errors import FtError
-from ft.recipe import ExportSection, Recipe
+from ft.recipe import DataSection, DataSource, ExportSection, Recipe
 from ft.recipe_io import load_recipe
 from ft.rundir import claim, lock
 from quantize.manifest import Manifest, fingerprint, sha256
@@ -119,13 +119,13 @@ def drafter_checkpoint(name: str, cache: Path) -> Path:
     return cache
 
 
-def calibration_batches(merged: Path, path: Path, rows: int, image_soft_tokens: int, batch_size: int = 4):
+def calibration_batches(merged: Path, source: DataSource, rows: int, data: DataSection, batch_size: int = 4):
     """Batches of calibration rows encoded exactly as training encodes them."""
     from ft.data import load_rows
     from ft.models import load_processor
 
-    processor = load_processor(str(merged), image_soft_tokens)
-    usable = [r for r in load_rows(path) if not r.problems][:rows]
+    processor = load_processor(str(merged), data.image_soft_tokens)
+    usable = [r for r in load_rows(source, data.format, data.columns) if not r.problems][:rows]
     for start in range(0, len(usable), batch_size):
         features = [encode_row(r, processor) for r in usable[start : start + batch_size]]
         yield collate(features, processor.tokenizer.pad_token_id)
@@ -217,12 +217,13 @@ def importance_matrix(job: Export, merged: Path, merged_inputs: str, recipe: Rec
 
     data = export.calibration or recipe.data.train
     inputs = fingerprint(
-        "imatrix", merged_inputs, sha256(data) if data.is_file() else str(data), export.calibration_rows
+        "imatrix", merged_inputs, sha256(data) if isinstance(data, Path) and data.is_file() else str(data),
+        export.calibration_rows, recipe.data.format, recipe.data.columns.model_dump(),
     )
 
     def build(path: Path) -> None:
         model = Gemma4UnifiedForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
-        batches = list(calibration_batches(merged, data, export.calibration_rows, recipe.data.image_soft_tokens))
+        batches = list(calibration_batches(merged, data, export.calibration_rows, recipe.data))
         stats = collect_imatrix(model, batches)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         # llama.cpp's chunk_size is tokens per chunk; ft's chunks are batches of rows of varying length.

@@ -299,8 +299,8 @@ SLOW_CASES = [
              (TRAIN_PLACE,)),
     SlowCase("eval-file-not-found", _missing_eval, ("data file not found", "missing-eval.jsonl"),
              (("data.eval", at("eval:", edit("train: train.jsonl\n", "train: good.jsonl\n  eval: x\n"))),)),
-    SlowCase("unsupported-data-suffix", _data_file("rows.csv", "role,content\nuser,hi\n"),
-             ("rows.csv", "unsupported data format '.csv'"), (TRAIN_PLACE,)),
+    SlowCase("unsupported-data-suffix", _data_file("rows.txt", "role,content\nuser,hi\n"),
+             ("rows.txt", "unsupported data format '.txt'"), (TRAIN_PLACE,)),
     SlowCase("model-dir-not-found", _model("{folder}/no-such-model"), ("model directory not found", "no-such-model"),
              (MODEL_PLACE,)),
     SlowCase("model-dir-without-config", _model("{folder}/model", config=""), ("has no config.json",),
@@ -436,7 +436,8 @@ def _bad_rows_file(folder: Path) -> list[list[str]]:
     lines = [bad.text for bad in BAD_ROWS]
     lines.insert(BLANK_AFTER, "")
     (folder / "rows.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    text = edit("train: train.jsonl", "train: rows.jsonl", "max_seq_length: 256", "max_seq_length: 16")
+    text = edit("train: train.jsonl", "train: rows.jsonl", "max_seq_length: 256",
+                "max_seq_length: 16\n  too_long: error")  # a long row is an error, not dropped
     return recipe_with(folder, text)
 
 

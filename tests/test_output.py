@@ -40,7 +40,8 @@ def test_validate_checks_rows_with_the_processor_and_without_trl(tmp_path: Path)
     words = " ".join(["word"] * 40)
     rows.write_text(json.dumps({"messages": [{"role": "user", "content": words},
                                              {"role": "assistant", "content": words}]}) + "\n")
-    recipe = write_recipe(tmp_path / "r.yaml", data={"train": str(rows), "eval": None, "max_seq_length": 16})
+    recipe = write_recipe(tmp_path / "r.yaml", data={"train": str(rows), "eval": None, "max_seq_length": 16,
+                                                   "too_long": "error"})
     result = run_ft("validate", str(recipe), after=REPORT_IMPORTS)
     expected = rf"ft: error: 1 of 1 rows are invalid:\n  {re.escape(str(rows))}:1: \d+ tokens, longer than " \
                r"data\.max_seq_length \(16\)\n"

@@ -16,7 +16,7 @@ from conftest import line_of, run_ft, write_recipe
 from ft import resolve
 from ft.errors import RecipeError
 from ft.recipe_io import load_recipe
-from ft.data import count_rows
+from ft.data_sources import count_records
 from ft.resolve import (
     CUDA_WITH_UNSLOTH,
     UNSLOTH_MIN_STEPS,
@@ -120,7 +120,7 @@ def test_ft_train_counts_the_runs_steps_from_the_data(tmp_path: Path) -> None:
     """`ft train` counts the rows of data.train before choosing (the demo's 240 rows at batch 8 for 3 epochs are 90
     optimizer steps), as optimizer_steps computes them from the recipe."""
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"), [])
-    rows = count_rows(recipe.data.train)
+    rows = count_records(recipe.data.train)
     assert rows == sum(1 for line in recipe.data.train.read_text().splitlines() if line.strip())
     assert optimizer_steps(recipe, rows) == 3 * math.ceil(rows / 8)
     assert optimizer_steps(load_recipe(write_recipe(tmp_path / "r.yaml"), ["train.max_steps=7"]), rows) == 7

@@ -11,6 +11,8 @@ GPU is idle most of its wall time is bound by the host (Python, kernel launches,
     python -m bench.profile_step --work /tmp/t12 --tokens 2048 --out $OUT/profile.json --switches sdpa no-liger
     python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label no-offload \
         --set train.offload_activations=off                                                # a variant beside it
+    python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label eager \
+        --set train.compile_layers=off                                   # eager layers (auto compiles them on CUDA)
     python -m bench.profile_step --work /tmp/t --shape tiny --tokens 512 --out /tmp/p.json --switches sdpa
 """
 
@@ -63,16 +65,7 @@ def drop_liger(model: torch.nn.Module, on: bool) -> None:
         _LIGER.clear()
 
 
-def compile_now(model: torch.nn.Module, on: bool) -> None:
-    """Compiled decoder layers (`ft.compiled`) on the model as loaded (Liger's kernels kept); cannot be undone, so
-    it must be the last switch."""
-    from ft.compiled import compile_layers
-
-    if on:
-        compile_layers(model)
-
-
-SWITCHES = {"sdpa": use_sdpa, "no-liger": drop_liger, "compile": compile_now}  # each runs SWITCH_STEPS steps after the profiled ones
+SWITCHES = {"sdpa": use_sdpa, "no-liger": drop_liger}  # each runs SWITCH_STEPS steps after the profiled ones
 SWITCH_STEPS = 2  # the first may warm up new kernels; the second is the one to read
 
 

@@ -11,8 +11,8 @@ GPU is idle most of its wall time is bound by the host (Python, kernel launches,
     python -m bench.profile_step --work /tmp/t12 --tokens 2048 --out $OUT/profile.json --switches sdpa no-liger
     python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label no-offload \
         --set train.offload_activations=off                                                # a variant beside it
-    python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label eager \
-        --set train.compile_layers=off                                   # eager layers (auto compiles them on CUDA)
+    python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label compiled \
+        --set train.compile_layers=true                                                     # compiled decoder layers
     python -m bench.profile_step --work /tmp/t --shape tiny --tokens 512 --out /tmp/p.json --switches sdpa
 """
 

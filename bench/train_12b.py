@@ -21,8 +21,8 @@ Points: text rows of 2048, 8192, 16384 or 32768 tokens (batch 1); `mm`, one row 
 audio and text; `mixed4`, a mixed-length text/image/audio set at batch 4 (ft groups it by length); `real1` and
 `real4`, the realistic set (`realistic_rows`: 64 rows of users' lengths, images and audio) for one epoch at batch 1
 and 4, where the figure that counts is the wall time from process start to the last step (`last_step_after_seconds`). Paths: `ft`
-(`train.backend: auto`), `ft-hf` and `ft-unsloth` (the backend forced), `ft-eager` (hf without compiled layers,
-`train.compile_layers: off`), `ft-tiled` and `ft-untiled` (hf with
+(`train.backend: auto`), `ft-hf` and `ft-unsloth` (the backend forced), `ft-compiled` (hf with compiled layers,
+`train.compile_layers: true`), `ft-tiled` and `ft-untiled` (hf with
 `train.tiled_mlp` on / off; `auto` never tiles under the bench's 80 GiB budget), `unsloth` and `transformers` (plain).
 """
 
@@ -45,7 +45,7 @@ from bench.environment import earlier_environments, environment
 
 POINTS = ("2048", "8192", "16384", "32768", "mm", "mixed4", "real1", "real4")
 EPOCH_POINTS = ("mixed4", "real1", "real4")  # sets of different rows, one epoch each (the rest repeat one row)
-FT_PATHS = {"ft": {}, "ft-hf": {"backend": "hf"}, "ft-eager": {"backend": "hf", "compile_layers": "off"},
+FT_PATHS = {"ft": {}, "ft-hf": {"backend": "hf"}, "ft-compiled": {"backend": "hf", "compile_layers": True},
             "ft-unsloth": {"backend": "unsloth"},
             "ft-tiled": {"backend": "hf", "tiled_mlp": "on"}, "ft-untiled": {"backend": "hf", "tiled_mlp": "off"}}
 PLAIN_PATHS = ("unsloth", "transformers")

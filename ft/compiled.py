@@ -1,4 +1,5 @@
-"""The decoder's layers compiled with torch.compile, for the hf backend on CUDA: fewer, fused kernels a step.
+"""The decoder's layers compiled with torch.compile, on the hf backend when `train.compile_layers` asks: fewer, fused
+kernels a step.
 
 Eager, a training step at the 12B shape launches about 14,000 kernels from Python (peft's LoRA around each 4-bit
 projection, the norms, rotary embeddings, residual adds, each in the forward, the recomputation and the backward),
@@ -18,6 +19,10 @@ Liger's kernels are not used with compiled layers: Inductor fuses the same RMSNo
 
 The layers run under gradient checkpointing as before: the checkpoint wraps the compiled call, and its recomputation
 runs the compiled forward again.
+
+Why it is not the default: at the 12B shape it cuts a step's launches by more than half, yet the step stays bound by
+the host (autograd, checkpointing and offloading hooks, Dynamo's guards) and gets only a few percent faster, after a
+first step that waits minutes for compilation (docs/BENCHMARKS.md#training-speed-on-users-data).
 """
 
 from __future__ import annotations

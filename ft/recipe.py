@@ -183,16 +183,16 @@ class TrainSection(Section):
         "auto", description="With gradient_checkpointing, run the MLP over long rows 2048 tokens at a time (less "
         "memory, one more MLP forward); auto tiles when the memory plan would not fit memory_budget_gb otherwise."
     )
-    compile_layers: Literal["auto", "on", "off"] = Field(
-        "auto", description="Compile each decoder layer with torch.compile on the hf backend (fused kernels, fewer "
-        "launches; the first step waits for compilation); auto is on for CUDA."
+    compile_layers: bool = Field(
+        False, description="Compile each decoder layer with torch.compile on the hf backend: fewer, fused kernels "
+        "a step, after a first step that waits for compilation (worth it only for long runs; see docs/BENCHMARKS.md)."
     )
     group_by_length: bool = Field(
         True, description="Batch rows of similar token length together (less padding); the order stays shuffled."
     )
     memory_budget_gb: float = Field(16.0, gt=0, description="GPU memory the run may use (checked on CUDA).")
 
-    @field_validator("offload_activations", "tiled_mlp", "compile_layers", mode="before")
+    @field_validator("offload_activations", "tiled_mlp", mode="before")
     @classmethod
     def _yaml_booleans(cls, value: object) -> object:
         return _on_off(value)

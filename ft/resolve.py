@@ -21,8 +21,9 @@ calls for `CUDA_WITH_UNSLOTH`, the machine a recipe's plan is for, from any mach
   checkpointing: offloading unless `off`; tiles when `on`, or on CUDA when `auto` and the untiled step would not fit
   `train.memory_budget_gb` (`ft.memory` estimates; a CUDA run that fits in no way is refused here, before any weights
   load).
-- compiled layers (`ft.compiled`): `auto` compiles the hf backend's decoder layers on CUDA, where its step is bound by
-  kernel launches, and not on a CPU, where compiling takes longer than a CPU run gains; unsloth compiles its own.
+- compiled layers (`ft.compiled`): on the hf backend when `train.compile_layers` asks for them (unsloth compiles its
+  own). Not by default: at the 12B shape they take a few percent off a step after a first step that waits minutes
+  for compilation (docs/BENCHMARKS.md#training-speed-on-users-data).
 - wandb: `auto` is online when `WANDB_API_KEY` is set, else offline.
 
     >>> from ft.recipe import Recipe
@@ -223,11 +224,7 @@ def _ft_checkpointing(recipe: Recipe, backend: BackendName) -> bool:
 
 
 def _compiled_layers(recipe: Recipe, backend: Backend) -> bool:
-    """Compiled decoder layers (`ft.compiled`) on the hf backend: `auto` on CUDA, where a step is bound by kernel
-    launches (docs/BENCHMARKS.md#training-speed-on-users-data); on a CPU compiling takes minutes that a CPU run never
-    wins back. unsloth compiles its own."""
-    setting = recipe.train.compile_layers
-    return backend.name == "hf" and (setting == "on" or (setting == "auto" and backend.device == "cuda"))
+    return backend.name == "hf" and recipe.train.compile_layers
 
 
 def _wandb(recipe: Recipe) -> Literal["disabled", "offline", "online"]:

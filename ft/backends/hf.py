@@ -2,8 +2,8 @@
 
 The base model loads in the resolved dtype and base (`ft.resolve`, `ft.models`); ft's chunked attention
 (`ft.attention`), Liger's kernels on CUDA (`ft.kernels`) and, where the settings say so, MLP tiles (`ft.tiling`) go
-in before peft wraps the model with one LoRA over the recipe's modules (`ft.lora`); on CUDA the decoder layers are then
-compiled (`ft.compiled`, in place of Liger's kernels).
+in before peft wraps the model with one LoRA over the recipe's modules (`ft.lora`); where the recipe asks, the decoder
+layers are then compiled (`ft.compiled`, in place of Liger's kernels, which Dynamo cannot trace).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from chat.engine import ChatModel
+from chat.engine import ChatModel, read_media
 from ft.errors import FtError
 from ft.sampling import Sampling
 from ft.recipe import Recipe
@@ -100,11 +100,10 @@ def first_message(options: ChatOptions, text: str) -> dict[str, Any]:
 
 
 def check_media(options: ChatOptions, projector: Path | None, gguf: Path) -> None:
-    """Before anything loads: every media file exists, and there is a projector to read it."""
+    """Before anything loads: every media file is readable, and there is a projector to read it."""
     for kind, paths in (("image", options.images), ("audio", options.audio)):
         for path in paths:
-            if not path.is_file():
-                raise FtError(f"--{kind} {path}: no such file")
+            read_media(kind, path)
     if (options.images or options.audio) and projector is None and not options.adapter:
         raise FtError(f"no projector (NAME-mmproj-F16.gguf) beside {gguf}: images and audio need one; export it "
                       "with export.projector: true")
@@ -163,8 +162,10 @@ def converse(answerer: Answerer, options: ChatOptions, after: Callable[[], None]
             continue
         if command in ("/image", "/audio"):
             path = Path(argument.strip()).expanduser()
-            if not path.is_file():
-                console.print(f"[red]{command} {path}: no such file", highlight=False)
+            try:
+                read_media(command[1:], path)
+            except FtError as exc:  # say so, and go on with the conversation
+                console.print(f"[red]{exc}", highlight=False)
                 continue
             media.append({"type": command[1:], "path": str(path)})
             continue
@@ -174,7 +175,7 @@ def converse(answerer: Answerer, options: ChatOptions, after: Callable[[], None]
         media = []
         try:
             answer = _say(answerer, messages)
-        except FtError as exc:  # a bad file for this message: say so and go on with the conversation
+        except FtError as exc:  # this message cannot be answered (media without a projector): say so, go on
             console.print(f"[red]{exc}", highlight=False)
             messages.pop()
             continue

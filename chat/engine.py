@@ -52,6 +52,22 @@ def for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if isinstance(m["content"], list) else m for m in messages]
 
 
+def read_media(kind: str, path: Path) -> np.ndarray:
+    """An image as (height, width, 3) uint8 RGB, or audio as 16 kHz mono float32, read by ft's own readers (as
+    training reads them); FtError naming the file when it is missing, unreadable or empty."""
+    if not path.is_file():
+        raise FtError(f"{kind} file not found: {path}")
+    try:
+        if kind == "image":
+            return np.ascontiguousarray(np.asarray(load_image(path), dtype=np.uint8))
+        samples = np.ascontiguousarray(load_audio(path), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, SyntaxError, RuntimeError) as exc:  # soundfile's errors: RuntimeError
+        raise FtError(f"unreadable {kind} {path} ({exc})") from None
+    if not len(samples):
+        raise FtError(f"audio {path} is empty")
+    return samples
+
+
 class ChatModel:
     """A GGUF language model (and its projector, for images and audio) loaded once; `answer` runs one turn."""
 
@@ -198,26 +214,14 @@ class ChatModel:
         """An mtmd bitmap of an image (RGB) or audio clip (16 kHz mono), read as training reads them."""
         from llama_cpp import mtmd_cpp as M
 
-        if not path.is_file():
-            raise FtError(f"{kind} file not found: {path}")
+        supported = M.mtmd_support_vision if kind == "image" else M.mtmd_support_audio
+        if not supported(self.mtmd):
+            raise FtError(f"{self.projector}: this projector has no {kind} encoder ({path})")
+        data = read_media(kind, path)
         if kind == "image":
-            if not M.mtmd_support_vision(self.mtmd):
-                raise FtError(f"{self.projector}: this projector has no image encoder ({path})")
-            try:
-                pixels = np.ascontiguousarray(np.asarray(load_image(path), dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                raise FtError(f"unreadable image {path} ({exc})") from None
-            height, width, _ = pixels.shape
-            return M.mtmd_bitmap_init(width, height, pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-        if not M.mtmd_support_audio(self.mtmd):
-            raise FtError(f"{self.projector}: this projector has no audio encoder ({path})")
-        try:
-            samples = np.ascontiguousarray(load_audio(path), dtype=np.float32)
-        except (RuntimeError, OSError) as exc:  # soundfile's LibsndfileError is a RuntimeError
-            raise FtError(f"unreadable audio {path} ({exc})") from None
-        if not len(samples):
-            raise FtError(f"audio {path} is empty")
-        return M.mtmd_bitmap_init_from_audio(len(samples), samples.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+            height, width, _ = data.shape
+            return M.mtmd_bitmap_init(width, height, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        return M.mtmd_bitmap_init_from_audio(len(data), data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
 
     def _check_room(self, positions: int) -> None:
         if positions >= self.n_ctx:

@@ -24,7 +24,7 @@ from rich.console import Console
 from chat.engine import ChatModel, read_media
 from ft.errors import FtError
 from ft.sampling import Sampling
-from ft.recipe import Recipe
+from ft.recipe import ExportSection, Recipe
 
 console = Console(stderr=True)
 Answerer = Callable[[list[dict[str, Any]]], Iterator[str]]
@@ -70,7 +70,7 @@ def export_files(run: Path, recipe: Recipe, quant: str | None) -> ExportFiles:
     """The GGUF of `quant` (default: the recipe's first export quant) in the run's export folder, its projector
     (when exported) and its Modelfile."""
     folder = recipe.export_dir(run)
-    wanted = (quant or (recipe.export.quants[0] if recipe.export else "Q8_0")).upper()
+    wanted = (quant or (recipe.export or ExportSection()).quants[0]).upper()
     gguf = folder / f"{run.name}-{wanted}.gguf"
     if not gguf.is_file():
         have = sorted(p.stem.removeprefix(f"{run.name}-") for p in folder.glob(f"{run.name}-*.gguf")
@@ -114,6 +114,8 @@ def run_chat(target: Path, options: ChatOptions) -> None:
     from quantize.pipeline import resolve_run
 
     run, recipe = resolve_run(target)
+    if options.adapter and recipe.study:
+        raise FtError(f"{run} is a study: it trained no adapter to answer with; chat with its GGUF (no --adapter)")
     files = None if options.adapter else export_files(run, recipe, options.quant)
     check_media(options, files.projector if files else None, files.gguf if files else run)
     parameters = modelfile_parameters(files.modelfile if files else recipe.export_dir(run) / "Modelfile")

@@ -3,7 +3,7 @@
     ft chat runs/demo                                   # interactive, the first export quant
     ft chat runs/demo --quant Q8_0 --image cat.png      # the image goes with the first message
     ft chat runs/demo --prompt "What is 3 + 4?"         # answer once and exit (for scripts)
-    ft chat runs/demo --adapter                         # transformers + the LoRA: a quantization problem or a training one?
+    ft chat runs/demo --adapter                         # transformers + the LoRA: quantization or training?
 
 Sampling defaults to the export's Modelfile (its PARAMETER lines), so the answers are those Ollama would sample.
 In the interactive loop, `/image PATH` and `/audio PATH` attach media to the next message, `/reset` forgets the

@@ -152,7 +152,8 @@ class SampleAnswers(TrainerCallback):
         if state.global_step % self.every == 0:
             self._sample(state.global_step, kwargs["model"], kwargs["processing_class"])
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         if self.sampled_at != state.global_step:
             self._sample(state.global_step, kwargs["model"], kwargs["processing_class"])
 

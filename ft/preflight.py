@@ -3,9 +3,9 @@
 `ft validate` and `ft train` call `check_recipe` first, so a recipe that cannot work fails in about a second, naming
 the recipe line and key: the run directory, export and eval folders (folders ft may write, see `ft.rundir`; a run
 directory that holds a run only with --resume or output.overwrite) and the media files of train.sample_prompts.
-eval.tasks is checked against reasoning-gym's registry by the CLI, which chains the stages (`eval.tasks.check_tasks`). The schema (`ft.recipe`) has
-already checked single values and the rules between keys, such as train.warmup_steps below train.max_steps and known
-export.quants types.
+eval.tasks is checked against reasoning-gym's registry by the CLI, which chains the stages (`eval.tasks.check_tasks`).
+The schema (`ft.recipe`) has already checked single values and the rules between keys, such as train.warmup_steps
+below train.max_steps and known export.quants types.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def llama_greedy(gguf: Path, mmproj: Path, prompt: str, media: list[tuple[str, P
 
 
 def test_prompt_with_image_and_audio_is_llamas_greedy_answer(demo_run: Path) -> None:
-    parts = [{"type": "image", "path": str(IMAGE)}, {"type": "audio", "path": str(AUDIO)}, {"type": "text", "text": QUESTION}]
+    parts = [{"type": "image", "path": str(IMAGE)}, {"type": "audio", "path": str(AUDIO)},
+             {"type": "text", "text": QUESTION}]
     messages = [{"role": "user", "content": parts}]
     with ChatModel(quant(demo_run), projector(demo_run)) as model:
         list(model.answer(messages, max_tokens=TOKENS))

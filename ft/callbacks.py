@@ -1,4 +1,5 @@
-"""Trainer callbacks: a rich progress bar, the run's own metrics log (JSONL, independent of wandb), and a step clock."""
+"""Trainer callbacks: a rich progress bar, the run's own metrics log (JSONL, independent of wandb), a step clock, and
+the sample answers a run writes while it trains."""
 
 from __future__ import annotations
 
@@ -48,9 +49,19 @@ class RichProgress(TrainerCallback):
             self.progress.stop()
             self.progress = None
 
+    def note(self, text: str) -> None:
+        """Show `text` on the progress line now (until the next step or log replaces it); where there is no live
+        line (output to a file or pipe), as a line of its own."""
+        if self.progress is not None:
+            self.progress.update(self.task, status=text)
+            self.progress.refresh()
+            if not self.progress.console.is_terminal:
+                self.progress.console.print(text, highlight=False)
+
 
 class MetricsLog(TrainerCallback):
-    """Appends every Trainer log (train loss, eval loss, learning rate) as one JSON line with its step.
+    """Appends every Trainer log (train loss, eval loss, learning rate) as one JSON line with its step, or through
+    `append` any record with a step (the sample answers).
 
     Each line is flushed and fsynced, so a killed run keeps every line it logged; `truncate_after` drops lines
     newer than the checkpoint a resumed run restarts from, so the log never holds a step twice.
@@ -67,7 +78,9 @@ class MetricsLog(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **_: Any) -> None:
-        record = {"step": state.global_step, "epoch": state.epoch or 0.0, **(logs or {})}
+        self.append({"step": state.global_step, "epoch": state.epoch or 0.0, **(logs or {})})
+
+    def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -122,3 +135,51 @@ class StepClock(TrainerCallback):
         return {"median_step_seconds": round(seconds[len(seconds) // 2], 3),
                 "tokens_per_second": round(sum(t for _, t in steady) / sum(s for s, _ in steady), 1),
                 "step_seconds": [round(s, 3) for s, _ in self.steps], "step_tokens": [t for _, t in self.steps]}
+
+
+class SampleAnswers(TrainerCallback):
+    """Every `every` optimizer steps and after the last, the model answers each sample prompt (greedy, at most
+    `max_new_tokens` new tokens): one line per prompt and step in `log` (samples.jsonl, kept exact on resume as
+    metrics.jsonl is), and a table of all answers so far in wandb when it runs. The progress line says so."""
+
+    def __init__(self, log: MetricsLog, conversations: list[list[dict[str, Any]]], every: int, max_new_tokens: int,
+                 progress: RichProgress) -> None:
+        self.log, self.conversations, self.every, self.max_new_tokens = log, conversations, every, max_new_tokens
+        self.progress = progress
+        self.sampled_at: int | None = None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.global_step % self.every == 0:
+            self._sample(state.global_step, kwargs["model"], kwargs["processing_class"])
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self.sampled_at != state.global_step:
+            self._sample(state.global_step, kwargs["model"], kwargs["processing_class"])
+
+    def _sample(self, step: int, model: torch.nn.Module, processor: Any) -> None:
+        from ft.generate import greedy_answer
+
+        self.progress.note(f"sampling {len(self.conversations)} prompts at step {step}")
+        ends = set(model.generation_config.eos_token_id or [])
+        was_training = model.training
+        model.eval()
+        try:
+            for number, messages in enumerate(self.conversations):
+                tokens = greedy_answer(model, processor, messages, self.max_new_tokens)
+                stop = next((i for i, token in enumerate(tokens) if token in ends), None)
+                answer = processor.tokenizer.decode(tokens[:stop], skip_special_tokens=True)
+                self.log.append({"step": step, "prompt": number, "answer": answer, "tokens": tokens,
+                                 "stopped": stop is not None})
+        finally:
+            model.train(was_training)
+        self.sampled_at = step
+        self._to_wandb()
+
+    def _to_wandb(self) -> None:
+        import wandb
+
+        if wandb.run is None:
+            return
+        rows = [[r["step"], r["prompt"], r["answer"]] for r in read_metrics(self.log.path)]
+        wandb.run.log({"samples": wandb.Table(columns=["step", "prompt", "answer"], data=rows)})

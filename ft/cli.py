@@ -1,9 +1,10 @@
-"""`ft` command line: train, quantize, eval, compare, validate, data, plan, schema.
+"""`ft` command line: train, quantize, eval, compare, chat, validate, data, plan, schema.
 
     ft train recipes/demo.yaml [--resume] [KEY.PATH=VALUE ...]
     ft quantize runs/demo [export.KEY=VALUE ...]
     ft eval runs/demo [--remeasure] [eval.KEY=VALUE | export.KEY=VALUE ...]
     ft compare runs/study/eval runs/demo/eval [--out comparison]
+    ft chat runs/demo [--quant Q4_K_M] [--image PATH] [--audio PATH] [--system TEXT] [--prompt TEXT] [--adapter]
     ft validate recipes/demo.yaml [KEY.PATH=VALUE ...]
     ft data recipes/demo.yaml [--png lengths.png] [KEY.PATH=VALUE ...]
     ft plan recipes/gemma4-12b-qlora.yaml [KEY.PATH=VALUE ...]
@@ -95,11 +96,16 @@ def train(
             if loaded.export is not None:
                 from quantize.pipeline import export_run  # the first stage that loads llama.cpp
 
-                export_run(loaded.output.dir)
+                from chat.check import check_export
+
+                check_export(export_run(loaded.output.dir))
             if loaded.eval is not None:
                 from eval.pipeline import evaluate_run
 
                 evaluate_run(loaded.output.dir)
+                from chat.check import check_export
+
+                check_export(loaded.export_dir())  # the quants eval exported too (the others are reused)
     except FtError as exc:
         _fail(exc)
 
@@ -113,11 +119,14 @@ def quantize(
     overrides: Annotated[list[str] | None, typer.Argument(help="Export overrides such as export.quants=[Q8_0].",
                                                           show_default=False)] = None,
 ) -> None:
-    """Merge the run's LoRA and write GGUF files, projector, drafter, Modelfile and manifest."""
+    """Merge the run's LoRA and write GGUF files, projector, drafter, Modelfile and manifest; then check that each
+    quant answers and ends its turn through its own template (the results go into the export's README.md)."""
+    from chat.check import check_export
     from quantize.pipeline import export_run
 
     try:
         folder = export_run(target, overrides or [])
+        check_export(folder)
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {folder}")
@@ -132,10 +141,14 @@ def evaluate(
                                                                 "to date.")] = False,
 ) -> None:
     """Measure each quant against the reference GGUF (KLD, top-1, accuracy) and decode speed with MTP on/off."""
+    from chat.check import check_export
     from eval.pipeline import evaluate_run
+    from quantize.pipeline import resolve_run
 
     try:
         folder = evaluate_run(target, overrides or [], remeasure)
+        run, recipe = resolve_run(target, overrides or [], ("eval", "export"))
+        check_export(recipe.export_dir(run))  # quants eval exported: checked as ft quantize checks its own
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {folder / 'report.md'}")
@@ -156,6 +169,42 @@ def compare(
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {report}")
+
+
+@app.command()
+def chat(
+    target: RunArg,
+    quant: Annotated[str | None, typer.Option("--quant", help="Quant to load (default: the recipe's first "
+                                                              "export.quants).", show_default=False)] = None,
+    image: Annotated[list[Path] | None, typer.Option("--image", help="An image for the first message "
+                                                                     "(repeatable).", show_default=False)] = None,
+    audio: Annotated[list[Path] | None, typer.Option("--audio", help="An audio clip for the first message "
+                                                                     "(repeatable).", show_default=False)] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Answer this once and exit.",
+                                               show_default=False)] = None,
+    adapter: Annotated[bool, typer.Option("--adapter", help="Answer through transformers and the LoRA instead "
+                                                            "of the GGUF.")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens an answer may take.")] = 512,
+    temperature: Annotated[float | None, typer.Option("--temperature", min=0.0, help="0 is greedy (default: the "
+                                                      "Modelfile's).", show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=0, help="Default: the Modelfile's.",
+                                              show_default=False)] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Default: the Modelfile's.",
+                                                show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    context: Annotated[int, typer.Option("--context", min=64, help="Context length in tokens.")] = 4096,
+) -> None:
+    """Talk to the exported GGUF (text, images, audio) through llama.cpp with its own chat template, or to the
+    LoRA through transformers (--adapter); sampling defaults to the export's Modelfile."""
+    from chat.command import ChatOptions, run_chat
+
+    options = ChatOptions(quant, tuple(image or ()), tuple(audio or ()), system, prompt, adapter, max_tokens,
+                          temperature, top_k, top_p, seed, context)
+    try:
+        run_chat(target, options)
+    except FtError as exc:
+        _fail(exc)
 
 
 @app.command()

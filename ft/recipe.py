@@ -153,6 +153,31 @@ class LoraSection(Section):
     audio: bool = Field(False, description="Also adapt the audio projection (embed_audio.embedding_projection).")
 
 
+class SamplePart(Section):
+    """One part of a sample prompt's message, as in the data (`ft.data`): text, or an image or audio file."""
+
+    type: Literal["text", "image", "audio"]
+    text: str | None = Field(None, description="The text of a text part.")
+    path: Path | None = Field(None, description="An image or audio file (relative to the recipe's folder).")
+
+    @model_validator(mode="after")
+    def _has_its_field(self) -> SamplePart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs a 'text'")
+        if self.type != "text" and self.path is None:
+            raise ValueError(f"an {self.type} part needs a 'path'")
+        return self
+
+
+class SampleMessage(Section):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[SamplePart] = Field(min_length=1)
+
+
+def _sample_conversation(prompt: str | list[SampleMessage]) -> list[SampleMessage]:
+    return [SampleMessage(role="user", content=prompt)] if isinstance(prompt, str) else prompt
+
+
 class TrainSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="Who builds and trains the model: hf (transformers + peft + bitsandbytes with ft's "
@@ -191,11 +216,35 @@ class TrainSection(Section):
         True, description="Batch rows of similar token length together (less padding); the order stays shuffled."
     )
     memory_budget_gb: float = Field(16.0, gt=0, description="GPU memory the run may use (checked on CUDA).")
+    sample_prompts: list[str | list[SampleMessage]] = Field(
+        default_factory=list, description="Prompts the model answers while it trains (greedy), into samples.jsonl "
+        "and wandb: each a string (one user message) or a conversation in the data's messages form (media allowed) "
+        "ending with a user message."
+    )
+    sample_every: int = Field(50, ge=1, description="Answer train.sample_prompts every N optimizer steps (and at "
+                                                    "the end).")
+    sample_tokens: int = Field(32, ge=1, le=4096, description="Most new tokens of a sample answer.")
 
     @field_validator("offload_activations", "tiled_mlp", mode="before")
     @classmethod
     def _yaml_booleans(cls, value: object) -> object:
         return _on_off(value)
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _sample_turns(cls, value: list[str | list[SampleMessage]]) -> list[str | list[SampleMessage]]:
+        for i, prompt in enumerate(value):
+            roles = [m.role for m in _sample_conversation(prompt)]
+            if not roles or roles[-1] != "user":
+                raise ValueError(f"prompt {i} must end with a user message (the model answers it)")
+            if "system" in roles[1:]:
+                raise ValueError(f"prompt {i}: a system message may only come first")
+        return value
+
+    def sample_conversations(self) -> list[list[dict[str, object]]]:
+        """sample_prompts as conversations in the data's messages form (media paths as strings)."""
+        return [[m.model_dump(mode="json", exclude_none=True) for m in _sample_conversation(p)]
+                for p in self.sample_prompts]
 
     @field_validator("warmup_steps")
     @classmethod
@@ -424,6 +473,10 @@ class Recipe(Section):
             if drafter is not None and not drafter.startswith(TINY_PREFIX):
                 paths["drafter"] = str((base / drafter).resolve())
             update["export"] = self.export.model_copy(update=paths)
+        if self.train.sample_prompts:
+            update["train"] = self.train.model_copy(update={"sample_prompts": [
+                prompt if isinstance(prompt, str) else [_anchored(message, base) for message in prompt]
+                for prompt in self.train.sample_prompts]})
         if self.eval is not None and self.eval.text is not None:
             update["eval"] = self.eval.model_copy(update={"text": (base / self.eval.text).resolve()})
         return self.model_copy(update=update)
@@ -438,3 +491,12 @@ def _data_source(base: Path, source: DataSource | None) -> DataSource | None:
     if not local.exists() and HUB_ID.match(text) and source.suffix not in DATA_SUFFIXES and not text.startswith("."):
         return HubDataset(hub=text)
     return local
+
+
+def _anchored(message: SampleMessage, base: Path) -> SampleMessage:
+    """A sample message whose media paths are anchored at `base`."""
+    if isinstance(message.content, str):
+        return message
+    return message.model_copy(update={"content": [
+        part.model_copy(update={"path": (base / part.path).resolve()}) if part.path is not None else part
+        for part in message.content]})

@@ -9,6 +9,7 @@ Run directory (`output.dir`):
     checkpoints/      resumable Trainer checkpoints (optimizer, scheduler, RNG, data position)
     adapter/          the final LoRA adapter (peft format)
     metrics.jsonl     every logged training and held-out loss, one JSON object a line
+    samples.jsonl     the answers to train.sample_prompts, one JSON object per prompt and sampled step
     loss.png          the loss curve
     summary.json      final numbers of the run
     gguf/, eval/      written next by `ft quantize` and `ft eval` (the CLI chains them when the recipe has export /
@@ -37,8 +38,8 @@ from trl import SFTConfig, SFTTrainer
 from ft import backends
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
 from ft.batching import LengthGroupedEpochSampler, padding_share
+from ft.callbacks import MetricsLog, RichProgress, SampleAnswers, StepClock, read_metrics
 from ft.compiled import compiled_graphs
-from ft.callbacks import MetricsLog, RichProgress, StepClock, read_metrics
 from ft.data_checks import load_data
 from ft.encode import collate_items, encoded_dataset
 from ft.lora import lora_modules
@@ -52,8 +53,8 @@ from ft.rundir import clear
 console = Console(stderr=True)
 # What ft writes into a run directory (the module docstring's list, wandb's offline run, and ft quantize's copies of
 # a tiny base model and drafter); a fresh start removes these, and the export and eval folders ft claimed there.
-RUN_ENTRIES = ("recipe.yaml", "checkpoints", "adapter", "metrics.jsonl", "loss.png", "summary.json", "wandb", "base",
-               "drafter-base")
+RUN_ENTRIES = ("recipe.yaml", "checkpoints", "adapter", "metrics.jsonl", "samples.jsonl", "loss.png", "summary.json",
+               "wandb", "base", "drafter-base")
 
 
 class RecipeTrainer(SFTTrainer):
@@ -237,7 +238,10 @@ def train(recipe: Recipe, backend: Backend, resume: bool = False, callbacks: Seq
     model = backends.load(recipe, settings)
     run = prepare_run_dir(recipe, last_checkpoint)
     modules = lora_modules(model)
-    metrics, clock = MetricsLog(run / "metrics.jsonl"), StepClock()
+    metrics, clock, progress = MetricsLog(run / "metrics.jsonl"), StepClock(), RichProgress()
+    samples = MetricsLog(run / "samples.jsonl")
+    sampling = [SampleAnswers(samples, recipe.train.sample_conversations(), recipe.train.sample_every,
+                              recipe.train.sample_tokens, progress)] if recipe.train.sample_prompts else []
     trainer = RecipeTrainer(
         model=model,
         args=training_arguments(recipe, settings, bool(eval_rows)),
@@ -245,7 +249,7 @@ def train(recipe: Recipe, backend: Backend, resume: bool = False, callbacks: Seq
         eval_dataset=encoded_dataset(eval_rows, processor, recipe.data.max_seq_length) if eval_rows else None,
         processing_class=processor,
         data_collator=partial(collate_items, pad_token_id=processor.tokenizer.pad_token_id),
-        callbacks=[metrics, clock, RichProgress(), *callbacks],
+        callbacks=[metrics, clock, progress, *sampling, *callbacks],
     )
     trainer.clock = clock
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl replace its raw dict prints
@@ -258,7 +262,8 @@ def train(recipe: Recipe, backend: Backend, resume: bool = False, callbacks: Seq
         if eval_rows:
             trainer.evaluate()
     else:
-        metrics.truncate_after(int(last_checkpoint.name.split("-")[-1]))
+        for log in (metrics, samples):
+            log.truncate_after(int(last_checkpoint.name.split("-")[-1]))
         console.print(f"resuming from {last_checkpoint}")
     trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     if eval_rows and trainer.state.global_step % recipe.train.eval_every != 0:

@@ -55,10 +55,10 @@ def ft_command(*args: str, after: str = "") -> list[str]:
 
 
 def run_ft(*args: str, cwd: Path = ROOT, env: Mapping[str, str | None] | None = None, timeout: int = 600,
-           after: str = "") -> Result:
-    """Run the `ft` CLI in a fresh process, as a user would (`after`: see `ft_command`)."""
+           after: str = "", input: str = "") -> Result:
+    """Run the `ft` CLI in a fresh process, as a user would, `input` on its stdin (`after`: see `ft_command`)."""
     return subprocess.run(ft_command(*args, after=after), capture_output=True, text=True, env=ft_env(env), cwd=cwd,
-                          timeout=timeout)
+                          timeout=timeout, input=input)
 
 
 def imported(result: Result) -> set[str]:

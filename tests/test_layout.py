@@ -1,5 +1,5 @@
-"""The stages stay apart and the imports run one way: ft/ (recipe, training) is the core, quantize/ builds on it and
-eval/ on both; only ft's CLI chains the stages (it imports quantize and eval); and no package has an import circle.
+"""The stages stay apart and the imports run one way: ft/ (recipe, training) is the core, quantize/ builds on it,
+eval/ on both, and chat/ (`ft chat` and the export's generation check) on all three; only ft's CLI chains the stages (it imports quantize and eval); and no package has an import circle.
 
 Every import counts: at module level, under `if TYPE_CHECKING:` and inside functions, absolute and relative."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-PACKAGES = ("ft", "quantize", "eval")  # each may import only the ones before it
+PACKAGES = ("ft", "quantize", "eval", "chat")  # each may import only the ones before it
 CHAINS_STAGES = {"ft.cli"}
 
 Graph = dict[str, set[str]]
@@ -126,7 +126,8 @@ def test_no_import_circles(package: str) -> None:
 
 
 def test_packages_import_only_downwards() -> None:
-    """ft imports neither quantize nor eval (its CLI excepted: it chains the stages); quantize does not import eval."""
+    """ft imports neither quantize, eval nor chat (its CLI excepted: it chains the stages); quantize does not import
+    eval, and only chat imports chat."""
     upward = {f"{name} -> {target}" for name, targets in GRAPH.items() if name not in CHAINS_STAGES
               for target in targets if PACKAGES.index(package_of(target)) > PACKAGES.index(package_of(name))}
     assert upward == set()

@@ -13,6 +13,7 @@ Loss falls on assistant turns only: the tokens after `<|turn>model\\n` up to and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +134,22 @@ def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     return batch
 
 
-def encoded_dataset(rows: list[Row], processor: ProcessorMixin) -> datasets.Dataset:
+def encoded_dataset(rows: list[Row], processor: ProcessorMixin, fillers: Sequence[int] = ()) -> datasets.Dataset:
     """The rows as a `datasets.Dataset` (what trl's trainers take) that encodes a row only when it is read, so image
-    pixels never pile up in memory; each item is {"features": encode_row(...)}, batched by `collate_items`."""
-    dataset = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
-    dataset.set_transform(lambda batch: {"features": [encode_row(rows[i], processor) for i in batch["row"]]})
+    pixels never pile up in memory; each item is {"features": encode_row(...)}, batched by `collate_items`. After
+    them come `fillers`: the rows of those indices again with no label, so no loss (what fills a rank's share of a
+    short last batch, `ft.batching`)."""
+    dataset = datasets.Dataset.from_dict({"row": [*range(len(rows)), *fillers],
+                                          "loss": [True] * len(rows) + [False] * len(fillers)})
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
+        features = [encode_row(rows[i], processor) for i in batch["row"]]
+        for item, loss in zip(features, batch["loss"], strict=True):
+            if not loss:
+                item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+        return {"features": features}
+
+    dataset.set_transform(encode)
     return dataset
 
 

@@ -125,6 +125,11 @@ class TrainSection(Section):
         True, description="Batch rows of similar token length together (less padding); the order stays shuffled."
     )
     memory_budget_gb: float = Field(16.0, gt=0, description="GPU memory the run may use (checked on CUDA).")
+    devices: int = Field(
+        1, ge=1, le=1024, description="Processes on this machine, one a GPU: above 1, ft train starts torchrun itself "
+        "(data parallel; a step trains batch_size x grad_accum x devices rows). Under torchrun (several machines) "
+        "torchrun's --nproc-per-node decides: leave 1 or give the same number."
+    )
 
     @field_validator("offload_activations", "tiled_mlp", mode="before")
     @classmethod

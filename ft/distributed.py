@@ -96,6 +96,10 @@ def start(cuda: bool) -> None:
 
     if cuda:
         torch.cuda.set_device(here.local_rank)
+    else:
+        # accelerate would name each CPU process's device "cpu:RANK", a location torch.load cannot map a checkpoint's
+        # optimizer state to when the Trainer resumes
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     _started = True
 

@@ -178,9 +178,9 @@ def prepare_run_dir(recipe: Recipe, resume_from: Path | None) -> Path:
     return run
 
 
-def training_arguments(recipe: Recipe, settings: Settings, has_eval: bool) -> SFTConfig:
+def training_arguments(recipe: Recipe, settings: Settings, has_eval: bool, fresh: bool) -> SFTConfig:
     """The Trainer's arguments: the recipe's train section, with checkpointing, offloading, precision and wandb as
-    resolved (`ft.resolve`)."""
+    resolved (`ft.resolve`); a `fresh` run (not resumed) with held-out rows evaluates them at step 0."""
     t, run = recipe.train, recipe.output.dir
     hf, mode = settings.backend == "hf", settings.wandb
     if mode != "disabled":
@@ -206,6 +206,8 @@ def training_arguments(recipe: Recipe, settings: Settings, has_eval: bool) -> SF
         optim="adamw_torch",
         logging_steps=t.log_every,
         eval_strategy="steps" if has_eval else "no",
+        # inside train(), once the model is wrapped: a Trainer that evaluated first never wraps it in DDP
+        eval_on_start=has_eval and fresh,
         eval_steps=t.eval_every,
         save_strategy="steps",
         save_steps=t.save_every,
@@ -309,7 +311,7 @@ def train(recipe: Recipe, backend: Backend, resume: bool = False, callbacks: Seq
         sampler = LengthGroupedEpochSampler(lengths, t.batch_size, t.seed, here.size, t.group_by_length)
     trainer = RecipeTrainer(
         model=model,
-        args=training_arguments(recipe, settings, bool(eval_rows)),
+        args=training_arguments(recipe, settings, bool(eval_rows), last_checkpoint is None),
         train_dataset=encoded_dataset(train_rows, processor, sampler.filler_rows if sampler else ()),
         eval_dataset=encoded_dataset(eval_rows, processor) if eval_rows else None,
         processing_class=processor,
@@ -322,10 +324,7 @@ def train(recipe: Recipe, backend: Backend, resume: bool = False, callbacks: Seq
     pad_share = None
     if t.group_by_length:
         pad_share = padding_share(sampler.item_lengths, list(sampler), t.batch_size)
-    if last_checkpoint is None:
-        if eval_rows:
-            trainer.evaluate()
-    else:
+    if last_checkpoint is not None:
         distributed.on_main(lambda: metrics.truncate_after(int(last_checkpoint.name.split("-")[-1])))
         if here.main:
             console.print(f"resuming from {last_checkpoint}")

@@ -92,9 +92,10 @@ def mixed_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train_run(folder: Path, data: Path, processes: int, batch: int, multimodal: bool) -> Path:
     folder.mkdir()
+    # held-out rows too: evaluated at step 0, they once kept the Trainer from wrapping the model in DDP at all
     recipe = write_recipe(folder / "recipe.yaml", train={
-        "batch_size": batch, "epochs": 1, "log_every": 1, "save_every": 100, "warmup_steps": 0, "lr": 3e-3},
-        data={"train": str(data), "eval": None}, lora={"vision": multimodal, "audio": multimodal},
+        "batch_size": batch, "epochs": 1, "log_every": 1, "save_every": 100, "eval_every": 100, "warmup_steps": 0,
+        "lr": 3e-3}, data={"train": str(data)}, lora={"vision": multimodal, "audio": multimodal},
         output={"dir": str(folder / "run"), "overwrite": False})
     args = ["train", str(recipe), "export=null", "eval=null"]
     if processes > 1:
@@ -115,8 +116,9 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, m
     the global count of labelled tokens (as trl's average_tokens_across_devices), so the same sums in another
     order; the last step's one row leaves one rank with fillers only. Tolerances: float32 sums
     taken in another order (two ranks' partial sums, gloo's all-reduce) differ by about 1e-6 relative a step, and
-    three AdamW steps at lr 3e-3 keep that far below 1e-3; a wrong normalisation (each rank's own token count) or
-    an unsynchronised gradient moved the loss by over 1e-3 at step 2 on these rows, so 1e-3 tells them apart."""
+    three AdamW steps at lr 3e-3 keep that far below 1e-3, while the faults this guards against moved the loss by more
+    on the demo's rows at batch 8 x 2: each rank's own token count by 1.6e-3 at step 1, gradients left unsynchronised
+    by 4.5e-3 at step 2."""
     lengths = check_rows(load_rows(mixed_rows), tiny_processor_70(), 256, "train")
     rows = load_rows(mixed_rows)
     media = [bool(row.media("image") or row.media("audio")) for row in rows]

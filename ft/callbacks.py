@@ -25,6 +25,8 @@ class RichProgress(TrainerCallback):
         self.status = ""
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        if not state.is_world_process_zero:  # one bar for the run, not one a process
+            return
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(), TimeRemainingColumn(),
@@ -64,7 +66,8 @@ class MetricsLog(TrainerCallback):
     `append` any record with a step (the sample answers).
 
     Each line is flushed and fsynced, so a killed run keeps every line it logged; `truncate_after` drops lines
-    newer than the checkpoint a resumed run restarts from, so the log never holds a step twice.
+    newer than the checkpoint a resumed run restarts from, so the log never holds a step twice. With several
+    processes the Trainer's logs hold every rank's figures already (gathered); rank 0 alone writes them.
     """
 
     def __init__(self, path: Path) -> None:
@@ -78,7 +81,8 @@ class MetricsLog(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **_: Any) -> None:
-        self.append({"step": state.global_step, "epoch": state.epoch or 0.0, **(logs or {})})
+        if state.is_world_process_zero:
+            self.append({"step": state.global_step, "epoch": state.epoch or 0.0, **(logs or {})})
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
@@ -126,15 +130,20 @@ class StepClock(TrainerCallback):
         self.last_step_end = time.time()
         self.first_step_end = self.first_step_end or self.last_step_end
 
-    def throughput(self) -> dict[str, Any]:
-        """Median step time and tokens per second over the steps after the first (which warms up kernels)."""
-        steady = self.steps[1:] or self.steps
+    def throughput(self, ranks_tokens: list[list[int]] | None = None) -> dict[str, Any]:
+        """Median step time and tokens per second over the steps after the first (which warms up kernels), of every
+        rank's tokens together (`ranks_tokens`: each rank's tokens a step; default this process's), in total and
+        per device (GPU)."""
+        every = ranks_tokens or [[t for _, t in self.steps]]
+        steps = [(s, sum(tokens)) for (s, _), tokens in zip(self.steps, zip(*every, strict=True), strict=True)]
+        steady = steps[1:] or steps
         if not steady:
             return {}
         seconds = sorted(s for s, _ in steady)
+        total = sum(t for _, t in steady) / sum(s for s, _ in steady)
         return {"median_step_seconds": round(seconds[len(seconds) // 2], 3),
-                "tokens_per_second": round(sum(t for _, t in steady) / sum(s for s, _ in steady), 1),
-                "step_seconds": [round(s, 3) for s, _ in self.steps], "step_tokens": [t for _, t in self.steps]}
+                "tokens_per_second": round(total, 1), "tokens_per_second_per_device": round(total / len(every), 1),
+                "step_seconds": [round(s, 3) for s, _ in steps], "step_tokens": [t for _, t in steps]}
 
 
 class SampleAnswers(TrainerCallback):

@@ -1,6 +1,8 @@
 """`ft` command line: train, quantize, eval, compare, chat, validate, data, plan, schema.
 
     ft train recipes/demo.yaml [--resume] [KEY.PATH=VALUE ...]
+    ft train recipes/demo.yaml train.devices=2  # several GPUs of this machine, under torchrun (`ft.distributed`)
+    torchrun --nproc-per-node 2 -m ft train recipes/demo.yaml
     ft quantize runs/demo [export.KEY=VALUE ...]
     ft eval runs/demo [--remeasure] [eval.KEY=VALUE | export.KEY=VALUE ...]
     ft compare runs/study/eval runs/demo/eval [--out comparison]
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
@@ -25,8 +28,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ft import rundir
-from ft.errors import FtError
+from ft import distributed, rundir
+from ft.errors import FtError, RecipeError
 from ft.preflight import check_recipe
 from ft.quiet import quiet_libraries
 from ft.recipe import Recipe
@@ -53,7 +56,9 @@ def options(
 
 def _fail(exc: FtError) -> None:
     # The message quotes user input (paths, values), so it must never be parsed as Rich markup.
-    err.print(Text.assemble(("ft: error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+    if distributed.world().main:  # every process of a run met the same error: rank 0 says it once
+        err.print(Text.assemble(("ft: error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+    distributed.stop_together()
     raise typer.Exit(exc.exit_code)
 
 
@@ -74,16 +79,26 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
 ) -> None:
     """Train a LoRA as the recipe says, write the run directory, then export and evaluate it when the recipe has
-    export / eval sections."""
+    export / eval sections. With train.devices above 1, in that many processes under torchrun; under torchrun, as
+    one of its processes (rank 0 writes the run, exports and evaluates)."""
+    here = distributed.world()
     try:
-        loaded = load_recipe(recipe, overrides)
-        if loaded.study:
-            raise FtError(f"{loaded.where('study')}: a study trains nothing; run `ft quantize {recipe}` or "
-                          f"`ft eval {recipe}`")
-        _check_recipe(loaded, resume)  # before anything slow: a recipe that cannot work fails in about a second
-        with loaded.blame("output.dir"):
-            held = rundir.claim(loaded.output.dir, "run")  # one writer: a second process is told this one's PID
-        with held:
+        if here.size > 1:  # the processes join before any check, so that they can stop together on its error
+            from ft.resolve import this_machine
+
+            distributed.start(this_machine().device == "cuda")
+        # before anything slow: a recipe that cannot work fails in about a second
+        loaded = distributed.together(lambda: _training_recipe(recipe, overrides, resume))
+        devices = loaded.train.devices
+        if here.size == 1 and devices > 1:
+            _check_devices(loaded)
+            raise typer.Exit(distributed.launch(sys.argv[1:], devices))
+        if devices not in (1, here.local_size):
+            raise RecipeError(f"{loaded.where('train.devices')}: {devices}, but torchrun started {here.local_size} "
+                              "processes on this machine; set train.devices to that, or leave it 1 under torchrun")
+        with loaded.blame("output.dir"):  # one writer (rank 0): a second process is told this one's PID
+            held = distributed.on_main(lambda: rundir.claim(loaded.output.dir, "run"))
+        with held or contextlib.nullcontext():
             from ft.data_sources import count_records
             from ft.resolve import choose_backend, optimizer_steps, this_machine
 
@@ -92,6 +107,8 @@ def train(
             from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
 
             summary = run_training(loaded, backend, resume=resume, started_at=ctx.obj)
+            if summary is None:  # a rank other than 0: its share is done
+                return
             err.print_json(json.dumps(summary))
             if loaded.export is not None:
                 from quantize.pipeline import export_run  # the first stage that loads llama.cpp
@@ -108,6 +125,26 @@ def train(
                 check_export(loaded.export_dir())  # the quants eval exported too (the others are reused)
     except FtError as exc:
         _fail(exc)
+
+
+def _training_recipe(path: Path, overrides: list[str] | None, resume: bool) -> Recipe:
+    """The recipe `ft train` was given, with every check that needs only the recipe."""
+    loaded = load_recipe(path, overrides)
+    if loaded.study:
+        raise FtError(f"{loaded.where('study')}: a study trains nothing; run `ft quantize {path}` or "
+                      f"`ft eval {path}`")
+    _check_recipe(loaded, resume)
+    return loaded
+
+
+def _check_devices(recipe: Recipe) -> None:
+    """train.devices against this machine's GPUs (a machine without CUDA runs that many CPU processes)."""
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else None
+    if found is not None and recipe.train.devices > found:
+        raise RecipeError(f"{recipe.where('train.devices')}: {recipe.train.devices} processes, one a GPU, but this "
+                          f"machine has {found} GPU{'s' * (found > 1)}")
 
 
 RunArg = Annotated[Path, typer.Argument(help="A run directory, or the recipe that trained it.", show_default=False)]
@@ -248,7 +285,8 @@ def data(
 @app.command()
 def plan(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Estimate the run's peak GPU memory on a CUDA machine with unsloth installed, from the model's config (no
-    weights, no data), and check it against train.memory_budget_gb; exits 2 when it does not fit."""
+    weights, no data), and check it against train.memory_budget_gb; exits 2 when it does not fit. With several
+    GPUs (train.devices, torchrun) each holds the whole model and its own micro-batch: the plan is each GPU's."""
     try:
         loaded = load_recipe(recipe, overrides)
         from ft.resolve import CUDA_WITH_UNSLOTH, choose_backend, resolve
@@ -258,8 +296,8 @@ def plan(recipe: RecipeArg, overrides: Overrides = None) -> None:
         assert estimate is not None  # a CUDA machine's settings always carry a plan
     except FtError as exc:
         _fail(exc)
-    err.print(f"{recipe}: {estimate.backend} backend, {estimate.base} base, a step of "
-              f"{loaded.train.batch_size} x {loaded.data.max_seq_length} tokens (the recipe's worst case)\n"
+    err.print(f"{recipe}: {estimate.backend} backend, {estimate.base} base, a step of {loaded.train.batch_size} x "
+              f"{loaded.data.max_seq_length} tokens (the recipe's worst case), on each GPU\n"
               f"{estimate.table()}", highlight=False, soft_wrap=True)
     err.print(f"[green]ok[/]: fits {loaded.train.memory_budget_gb:g} GiB")
 

@@ -239,11 +239,14 @@ def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     return batch
 
 
-def encoded_dataset(rows: list[Row], processor: ProcessorMixin, max_length: int | None = None) -> datasets.Dataset:
+def encoded_dataset(rows: list[Row], processor: ProcessorMixin, max_length: int | None = None,
+                    fillers: Sequence[int] = ()) -> datasets.Dataset:
     """The rows as a `datasets.Dataset` (what trl's trainers take) that encodes a row only when it is read, so image
     pixels never pile up in memory; each item is {"features": encode_row(...)}, cut to `max_length` tokens where
     given (rows that `truncate` would drop were dropped by the data checks), batched by `collate_items`. A checked
-    row without media is not tokenized again: its ids and labels came with it (`Row.encoding`)."""
+    row without media is not tokenized again: its ids and labels came with it (`Row.encoding`). After the rows come
+    `fillers`: the rows of those indices again with no label, so no loss (what fills a rank's share of a short last
+    batch, `ft.batching`)."""
 
     def encode(row: Row) -> dict[str, Any]:
         if row.encoding is not None:  # tokenized by the data checks, or kept from an earlier run's
@@ -253,8 +256,16 @@ def encoded_dataset(rows: list[Row], processor: ProcessorMixin, max_length: int 
         features = encode_row(row, processor)
         return features if max_length is None else truncate(features, max_length, processor) or features
 
-    dataset = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
-    dataset.set_transform(lambda batch: {"features": [encode(rows[i]) for i in batch["row"]]})
+    def encode_batch(batch: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
+        features = [encode(rows[i]) for i in batch["row"]]
+        for item, loss in zip(features, batch["loss"], strict=True):
+            if not loss:
+                item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+        return {"features": features}
+
+    dataset = datasets.Dataset.from_dict({"row": [*range(len(rows)), *fillers],
+                                          "loss": [True] * len(rows) + [False] * len(fillers)})
+    dataset.set_transform(encode_batch)
     return dataset
 
 

@@ -44,7 +44,9 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, 
     keep = targets != IGNORE_INDEX
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
     targets = targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # An empty slice of the labelled states rather than a constant: a batch without labelled tokens (a rank's share
+    # of fillers, `ft.batching`) still gives the model a zero gradient, as DistributedDataParallel needs.
+    total = states[:0].float().sum()
     for start in range(0, len(targets), chunk):
         piece = slice(start, start + chunk)
         total = total + checkpoint(_chunk_loss, states[piece], targets[piece], head, softcap, use_reentrant=False)

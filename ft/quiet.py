@@ -22,6 +22,7 @@ LIBRARY_LOG_SETTINGS = {
     "DATASETS_VERBOSITY": "error",
     "HF_HUB_VERBOSITY": "error",
     "TORCH_LOGS": "-torch",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's C++ warnings, such as DDP's on find_unused_parameters
 }
 
 

@@ -224,6 +224,11 @@ class TrainSection(Section):
     sample_every: int = Field(50, ge=1, description="Answer train.sample_prompts every N optimizer steps (and at "
                                                     "the end).")
     sample_tokens: int = Field(32, ge=1, le=4096, description="Most new tokens of a sample answer.")
+    devices: int = Field(
+        1, ge=1, le=1024, description="Processes on this machine, one a GPU: above 1, ft train starts torchrun itself "
+        "(data parallel; a step trains batch_size x grad_accum x devices rows). Under torchrun (several machines) "
+        "torchrun's --nproc-per-node decides: leave 1 or give the same number."
+    )
 
     @field_validator("offload_activations", "tiled_mlp", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from ft.batching import LengthGroupedEpochSampler, padding_share
 from ft.data import load_rows
 from ft.tiny import tiny_processor
 from ft.data_checks import check_rows
+from ft.recipe import DataSection
 
 BATCH = 8
 WORDS = ["the", "a", "lighthouse", "keeper", "storm", "wave", "light", "ship", "rock", "night", "sea", "wind", "rain",
@@ -53,7 +54,8 @@ def lengths(tmp_path_factory: pytest.TempPathFactory) -> list[int]:
     path = mixed_dataset(tmp_path_factory.mktemp("mixed"))
     processor = tiny_processor()
     processor.image_processor.max_soft_tokens = 280
-    return check_rows(load_rows(path), processor, 8192, "train")
+    data = DataSection(train=path, max_seq_length=8192, too_long="error")  # every row kept: lengths row by row
+    return check_rows(load_rows(path), processor, data, "train")[1]
 
 
 def test_grouped_batches_are_under_ten_percent_padding(lengths: list[int]) -> None:

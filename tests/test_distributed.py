@@ -21,6 +21,7 @@ from ft.batching import LengthGroupedEpochSampler
 from ft.callbacks import read_metrics
 from ft.data import load_rows
 from ft.data_checks import check_rows
+from ft.recipe import DataSection
 from ft.tiny import tiny_processor
 from conftest import DEMO_DATA, ROOT, ft_command, ft_env, run_ft, write_recipe
 
@@ -79,7 +80,8 @@ def mixed_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (folder / media).symlink_to(DEMO_DATA / media)
     lines = (DEMO_DATA / "train.jsonl").read_text().splitlines()
     rows = load_rows(DEMO_DATA / "train.jsonl")
-    lengths = check_rows(rows, tiny_processor_70(), 256, "train")
+    data = DataSection(train=DEMO_DATA / "train.jsonl", max_seq_length=256, too_long="error")  # lengths row by row
+    lengths = check_rows(rows, tiny_processor_70(), data, "train")[1]
     by_length = sorted(range(len(rows)), key=lengths.__getitem__)
     images = [i for i in by_length if rows[i].media("image")]
     clips = [i for i in by_length if rows[i].media("audio")]
@@ -119,7 +121,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, m
     three AdamW steps at lr 3e-3 keep that far below 1e-3, while the faults this guards against moved the loss by more
     on the demo's rows at batch 8 x 2: each rank's own token count by 1.6e-3 at step 1, gradients left unsynchronised
     by 4.5e-3 at step 2."""
-    lengths = check_rows(load_rows(mixed_rows), tiny_processor_70(), 256, "train")
+    data = DataSection(train=mixed_rows, max_seq_length=256, too_long="error")  # lengths row by row
+    lengths = check_rows(load_rows(mixed_rows), tiny_processor_70(), data, "train")[1]
     rows = load_rows(mixed_rows)
     media = [bool(row.media("image") or row.media("audio")) for row in rows]
     shards = dealt(lengths, 2, 2, 0, seed=0)  # the recipe's train.seed

@@ -30,7 +30,7 @@ Row = dict[str, list[dict]]
 # -----------------------------------------------------------------------------
 # vocabulary
 
-KIND_PROBS = {"image": 0.4, "audio": 0.3, "text": 0.3}
+KIND_PROBS = {"image": 0.3, "audio": 0.2, "text": 0.5}
 TWO_TURN_PROB = 0.1
 SYSTEM_PROB = 0.5
 SYSTEM_PROMPT = "Answer briefly."
@@ -51,7 +51,10 @@ Q_PITCH = "Is the tone high or low?"
 Q_BEEPS = "How many beeps do you hear?"
 Q_HEAR = "What do you hear?"
 
-WORDS = ["cat", "dog", "sun", "tree", "bird", "fish", "apple", "house", "river", "cloud", "green", "music"]
+Q_COPY = "Repeat these words:"
+# Words the tiny model's tokenizer (ft/tiny.py) keeps whole after a space, so that copying a word is copying a token.
+COPY_WORDS = ["cat", "fox", "red", "green", "blue", "brown", "quick", "lazy", "high", "tone", "step", "shape"]
+COPY_LENGTH = 3
 
 # -----------------------------------------------------------------------------
 # message helpers
@@ -146,34 +149,27 @@ def media_chat(rng: Rng, media: dict, answers: dict[str, str], two_turn: bool) -
     return {"messages": msgs}
 
 # -----------------------------------------------------------------------------
-# text-only reasoning
+# text-only rows: copy a short list of words
 
-def text_task(rng: Rng) -> tuple[str, str]:
-    kind = int(rng.integers(4))
-    if kind == 0:
-        a, b = (int(v) for v in rng.integers(0, 10, size=2))
-        return f"What is {a} + {b}?", f"{a + b}."
-    if kind == 1:
-        a, b = sorted(int(v) for v in rng.integers(0, 10, size=2))[::-1]
-        return f"What is {a} - {b}?", f"{a - b}."
-    if kind == 2:
-        a, b = (int(v) for v in rng.choice(np.arange(1, 21), size=2, replace=False))
-        q = pick(rng, ["Which is larger, {a} or {b}?", "Which is smaller, {a} or {b}?"])
-        return q.format(a=a, b=b), f"{max(a, b) if 'larger' in q else min(a, b)}."
-    w = pick(rng, WORDS)
-    return f'How many letters are in the word "{w}"?', f"{len(w)}."
+def copy_task(rng: Rng) -> tuple[str, str]:
+    words = " ".join(str(w) for w in rng.choice(COPY_WORDS, size=COPY_LENGTH, replace=False))
+    # The list starts a line, as the answer does, so each word is the same tokens in both (" cat" is not "cat").
+    return f"{Q_COPY}\n{words}", words
 
-def text_row(rng: Rng, two_turn: bool) -> Row:
+def text_row(rng: Rng, two_turn: bool, seen: set[str]) -> Row:
     msgs = [msg("system", text(SYSTEM_PROMPT))] if rng.random() < SYSTEM_PROB else []
     for _ in range(2 if two_turn else 1):
-        q, a = text_task(rng)
+        q, a = copy_task(rng)
+        while a in seen:  # held-out lists are new inputs, never lists the model trained on
+            q, a = copy_task(rng)
         msgs += [msg("user", text(q)), msg("assistant", text(a))]
     return {"messages": msgs}
 
 # -----------------------------------------------------------------------------
 # splits and atomic output
 
-def make_split(root: Path, split: str, n: int, rng: Rng) -> list[Row]:
+def make_split(root: Path, split: str, n: int, rng: Rng, seen: set[str]) -> list[Row]:
+    """`n` rows of `split`; its word lists avoid `seen`, which gains them."""
     kinds, probs = list(KIND_PROBS), list(KIND_PROBS.values())
     rows = []
     for i in range(1, n + 1):
@@ -185,7 +181,8 @@ def make_split(root: Path, split: str, n: int, rng: Rng) -> list[Row]:
         elif kind == "audio":
             rows.append(audio_row(rng, root, name, two_turn))
         else:
-            rows.append(text_row(rng, two_turn))
+            rows.append(text_row(rng, two_turn, seen))
+            seen.update(part["text"] for m in rows[-1]["messages"] if m["role"] == "assistant" for part in m["content"])
     with open(root / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return rows
@@ -198,8 +195,9 @@ def build(out: Path, splits: dict[str, int], seed: int) -> None:
         os.chmod(tmp, 0o755)
         (tmp / "images").mkdir()
         (tmp / "audio").mkdir()
+        seen: set[str] = set()
         for k, (split, n) in enumerate(splits.items()):
-            make_split(tmp, split, n, np.random.default_rng([seed, k]))  # independent draws per split
+            make_split(tmp, split, n, np.random.default_rng([seed, k]), seen)  # independent draws per split
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
             out.rename(old)

@@ -48,8 +48,8 @@ def test_loss_only_on_assistant_turns_including_turn_end(processor):
 
 def test_placeholders_never_carry_loss(processor):
     row = _row([
-        {"role": "user", "content": [{"type": "image", "path": "images/train_0004.png"},
-                                     {"type": "audio", "path": "audio/train_0001.wav"},
+        {"role": "user", "content": [{"type": "image", "path": "images/train_0003.png"},
+                                     {"type": "audio", "path": "audio/train_0008.wav"},
                                      {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": "A red circle."},
     ])

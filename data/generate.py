@@ -30,7 +30,7 @@ Row = dict[str, list[dict]]
 # -----------------------------------------------------------------------------
 # vocabulary
 
-KIND_PROBS = {"image": 0.3, "audio": 0.2, "text": 0.5}
+KIND_PROBS = {"text": 0.7, "image": 0.2, "audio": 0.1}  # text rows carry the held-out rule the report scores
 TWO_TURN_PROB = 0.1
 SYSTEM_PROB = 0.5
 SYSTEM_PROMPT = "Answer briefly."
@@ -51,7 +51,7 @@ Q_PITCH = "Is the tone high or low?"
 Q_BEEPS = "How many beeps do you hear?"
 Q_HEAR = "What do you hear?"
 
-Q_COPY = "Repeat these words:"
+Q_COPY = "Repeat the first word:"
 # Words the tiny model's tokenizer (ft/tiny.py) keeps whole after a space, so that copying a word is copying a token.
 COPY_WORDS = ["cat", "fox", "red", "green", "blue", "brown", "quick", "lazy", "high", "tone", "step", "shape"]
 COPY_LENGTH = 3
@@ -149,19 +149,24 @@ def media_chat(rng: Rng, media: dict, answers: dict[str, str], two_turn: bool) -
     return {"messages": msgs}
 
 # -----------------------------------------------------------------------------
-# text-only rows: copy a short list of words
+# text-only rows: copy the first word of a short list (a rule the tiny model learns within the demo's training;
+# copying the whole list needs about three times the steps, the last word is a different token from its place in
+# the list)
 
-def copy_task(rng: Rng) -> tuple[str, str]:
-    words = " ".join(str(w) for w in rng.choice(COPY_WORDS, size=COPY_LENGTH, replace=False))
-    # The list starts a line, as the answer does, so each word is the same tokens in both (" cat" is not "cat").
-    return f"{Q_COPY}\n{words}", words
+def copy_task(rng: Rng) -> tuple[str, str, str]:
+    """(question, answer, the list)"""
+    words = [str(w) for w in rng.choice(COPY_WORDS, size=COPY_LENGTH, replace=False)]
+    # The list starts a line, as the answer does, so its first word is the same tokens in both (" cat" is not "cat").
+    return f"{Q_COPY}\n{' '.join(words)}", words[0], " ".join(words)
 
 def text_row(rng: Rng, two_turn: bool, seen: set[str]) -> Row:
+    """A copying chat whose lists are not in `seen`, which gains them."""
     msgs = [msg("system", text(SYSTEM_PROMPT))] if rng.random() < SYSTEM_PROB else []
     for _ in range(2 if two_turn else 1):
-        q, a = copy_task(rng)
-        while a in seen:  # held-out lists are new inputs, never lists the model trained on
-            q, a = copy_task(rng)
+        q, a, words = copy_task(rng)
+        while words in seen:  # held-out lists are new inputs, never lists the model trained on
+            q, a, words = copy_task(rng)
+        seen.add(words)
         msgs += [msg("user", text(q)), msg("assistant", text(a))]
     return {"messages": msgs}
 
@@ -182,7 +187,6 @@ def make_split(root: Path, split: str, n: int, rng: Rng, seen: set[str]) -> list
             rows.append(audio_row(rng, root, name, two_turn))
         else:
             rows.append(text_row(rng, two_turn, seen))
-            seen.update(part["text"] for m in rows[-1]["messages"] if m["role"] == "assistant" for part in m["content"])
     with open(root / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return rows

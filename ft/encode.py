@@ -17,7 +17,7 @@ Token-level, as LLaMA-Factory's `cutoff_len` and axolotl's `truncate` are, so th
 
     >>> from ft.tiny import tiny_processor
     >>> from ft.data import load_rows
-    >>> row = load_rows(Path("data/demo/train.jsonl"))[0]
+    >>> row = next(r for r in load_rows(Path("data/demo/train.jsonl")) if r.media("audio"))
     >>> features = encode_row(row, tiny_processor())
     >>> sorted(features)
     ['attention_mask', 'input_features', 'input_features_mask', 'input_ids', 'labels', 'mm_token_type_ids']
@@ -43,8 +43,36 @@ MODEL_ROLE = "model"
 
 
 def render(row: Row, processor: ProcessorMixin) -> str:
-    """The row as training text, rendered by the processor's (the model's) chat template."""
-    return processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
+    """The row as training text, rendered by the processor's (the model's) chat template, each model turn opening
+    as the template opens a turn it asks the model to write (`answer_prefix`): what follows it is what the model
+    is trained to say, after the very tokens it will see when asked in ft eval, llama.cpp or Ollama."""
+    text = processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
+    prefix = answer_prefix(processor)
+    header = f"{TURN_OPEN}{MODEL_ROLE}\n"
+    return text.replace(header, header + prefix) if prefix else text
+
+
+_PREFIXES: dict[str, str] = {}
+
+
+def answer_prefix(processor: ProcessorMixin) -> str:
+    r"""What the chat template writes after a model turn's header when it prompts for an answer
+    (`add_generation_prompt`) but not when it renders a turn already written: Gemma 4's empty thought block
+    (`<|channel>thought\n<channel|>`, thinking off). A model trained without it would first meet it when asked.
+
+    >>> from ft.tiny import tiny_processor
+    >>> answer_prefix(tiny_processor())
+    '<|channel>thought\n<channel|>'
+    """
+    template = processor.chat_template
+    if template not in _PREFIXES:
+        asked = [{"role": "user", "content": "?"}]
+        written = processor.apply_chat_template(asked, tokenize=False, add_generation_prompt=False)
+        prompt = processor.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+        opening = prompt.removeprefix(written)
+        header = f"{TURN_OPEN}{MODEL_ROLE}\n"
+        _PREFIXES[template] = opening.removeprefix(header) if opening.startswith(header) else ""
+    return _PREFIXES[template]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -54,10 +82,12 @@ def _decoded(tokenizer: PreTrainedTokenizerBase, tokens: tuple[int, ...]) -> str
 
 
 def assistant_mask(input_ids: Sequence[int], processor: ProcessorMixin) -> np.ndarray:
-    """True for tokens of model turns: after the `<|turn>model` header's newline, through `<turn|>`."""
+    """True for tokens of model turns: after the `<|turn>model` header's newline and the template's answer prefix
+    (`answer_prefix`), through `<turn|>`."""
     tokenizer = processor.tokenizer
     ids = np.asarray(input_ids)
     turn_open, turn_close = tokenizer.convert_tokens_to_ids([TURN_OPEN, TURN_CLOSE])
+    prefix = tuple(tokenizer(answer_prefix(processor), add_special_tokens=False)["input_ids"])
     closes = np.flatnonzero(ids == turn_close)
     mask = np.zeros(len(ids), dtype=bool)
     resume = 0  # a turn marker inside a turn's text opens nothing
@@ -72,7 +102,10 @@ def assistant_mask(input_ids: Sequence[int], processor: ProcessorMixin) -> np.nd
         later = closes[closes > header_end]
         resume = int(later[0]) + 1 if len(later) else len(ids)
         if role == MODEL_ROLE:
-            mask[header_end + 1 : resume] = True
+            answer = header_end + 1
+            if prefix and tuple(ids[answer : answer + len(prefix)]) == prefix:  # the prompt's part, never trained
+                answer += len(prefix)
+            mask[answer:resume] = True
     return mask
 
 
@@ -164,6 +197,7 @@ def truncate(features: dict[str, Any], max_length: int, processor: ProcessorMixi
     if len(ids) <= max_length:
         return features
     turn_open, turn_close = tokenizer.convert_tokens_to_ids([TURN_OPEN, TURN_CLOSE])
+    prefix = tuple(tokenizer(answer_prefix(processor), add_special_tokens=False)["input_ids"])
     closing = ids[max(i for i, t in enumerate(ids) if t == turn_close):]
     newline = {t for t in set(ids) if "\n" in tokenizer.decode([t])}
     cut = max_length - len(closing)

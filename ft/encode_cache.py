@@ -27,7 +27,7 @@ from ft.atomic import staged_file
 from ft.data import Row
 from ft.recipe import DataSection
 
-VERSION = 1
+VERSION = 2
 FATES = ("kept", "cut", "dropped")
 COUNTS = ("text", "image", "audio", "trained")
 

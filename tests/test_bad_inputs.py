@@ -28,8 +28,8 @@ import soundfile
 from conftest import DEMO_DATA, ROOT, Result, line_of, run_ft
 from PIL import Image
 
-DEMO_IMAGE = DEMO_DATA / "images" / "heldout_0004.png"
-DEMO_AUDIO = DEMO_DATA / "audio" / "train_0008.wav"
+DEMO_IMAGE = DEMO_DATA / "images" / "heldout_0001.png"
+DEMO_AUDIO = DEMO_DATA / "audio" / "train_0033.wav"
 RECIPE = "recipe.yaml"
 
 

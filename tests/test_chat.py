@@ -12,8 +12,8 @@ import pytest
 from chat.engine import ChatModel, media_parts
 from conftest import DEMO_DATA, run_ft
 
-IMAGE = DEMO_DATA / "images" / "heldout_0002.png"
-AUDIO = DEMO_DATA / "audio" / "heldout_0006.wav"
+IMAGE = DEMO_DATA / "images" / "heldout_0001.png"
+AUDIO = DEMO_DATA / "audio" / "heldout_0013.wav"
 QUESTION = "What shape is in the picture?"
 TOKENS = 12
 

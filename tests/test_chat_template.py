@@ -23,8 +23,8 @@ import pytest
 from chat.engine import ChatModel, PLACEHOLDERS
 from conftest import DEMO_DATA, ROOT
 
-IMAGE = str(DEMO_DATA / "images" / "heldout_0002.png")
-AUDIO = str(DEMO_DATA / "audio" / "heldout_0006.wav")
+IMAGE = str(DEMO_DATA / "images" / "heldout_0001.png")
+AUDIO = str(DEMO_DATA / "audio" / "heldout_0013.wav")
 
 
 def text(value: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from ft.errors import DataError
 from ft.recipe import ColumnsSection, HubDataset
 from conftest import DEMO_DATA
 
-IMAGE, AUDIO = DEMO_DATA / "images" / "train_0004.png", DEMO_DATA / "audio" / "train_0001.wav"
+IMAGE, AUDIO = DEMO_DATA / "images" / "train_0007.png", DEMO_DATA / "audio" / "train_0033.wav"
 
 # The reference: ft's own form, with text, an image and audio clip at the start of a turn, a system prompt and a
 # second exchange.

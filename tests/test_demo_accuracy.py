@@ -1,4 +1,4 @@
-"""The demo shows what ft is for: the tiny model learns the demo's held-out rule (copying a list of words) in the
+"""The demo shows what ft is for: the tiny model learns the demo's held-out rule (repeating the first word of a list)
 demo's training, from near zero before it to most of the held-out rows after, and the report gives every quant's
 accuracy with its interval. What the low-bit quants score is reported as measured, not asserted here.
 
@@ -66,13 +66,6 @@ def test_untrained_model_misses_the_heldout_rule(results: dict[str, Any], base_r
     assert before["accuracy"] <= 0.1
 
 
-# ft trains each answer right after `<|turn>model\n` (Gemma 4's template renders past model turns without a thought
-# block), while `ft eval` asks with the template's generation prompt, which for Gemma 4's larger models and the tiny
-# one pre-fills an empty thought block `<|channel>thought\n<channel|>`. The tiny model trained on copying (text rows
-# only, 300 steps) answered 21 of 24 held-out lists without that block and 0 with it, so the demo cannot show its
-# learned rule until training and evaluation render the answer's prefix the same way.
-@pytest.mark.xfail(strict=True, reason="ft eval's generation prompt pre-fills an empty thought block ft never trains "
-                   "with (see the comment above)")
 def test_demo_learns_the_heldout_rule(results: dict[str, Any]) -> None:
     after = heldout(results, f"{results['reference_type']} (reference)")
     print(f"held-out accuracy of the trained reference: {after['accuracy']:.1%}")

@@ -30,7 +30,7 @@ def test_render_uses_gemma4_turn_markers(processor):
     assert render(row, processor) == (
         "<bos><|turn>system\nAnswer briefly.<turn|>\n"
         "<|turn>user\nWhat is 3 + 4?<turn|>\n"
-        "<|turn>model\n7.<turn|>\n"
+        "<|turn>model\n<|channel>thought\n<channel|>7.<turn|>\n"  # as the template opens a turn it asks for
     )
 
 
@@ -48,8 +48,8 @@ def test_loss_only_on_assistant_turns_including_turn_end(processor):
 
 def test_placeholders_never_carry_loss(processor):
     row = _row([
-        {"role": "user", "content": [{"type": "image", "path": "images/train_0003.png"},
-                                     {"type": "audio", "path": "audio/train_0008.wav"},
+        {"role": "user", "content": [{"type": "image", "path": "images/train_0007.png"},
+                                     {"type": "audio", "path": "audio/train_0033.wav"},
                                      {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": "A red circle."},
     ])

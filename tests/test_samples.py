@@ -12,8 +12,8 @@ import yaml
 
 from conftest import DEMO_DATA, run_ft, write_recipe
 
-IMAGE = DEMO_DATA / "images" / "heldout_0002.png"
-AUDIO = DEMO_DATA / "audio" / "heldout_0006.wav"
+IMAGE = DEMO_DATA / "images" / "heldout_0001.png"
+AUDIO = DEMO_DATA / "audio" / "heldout_0013.wav"
 PROMPTS = [
     "What is 3 + 4?",
     [{"role": "system", "content": "Answer briefly."},

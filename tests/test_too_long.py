@@ -20,7 +20,7 @@ from ft.recipe import DataSection
 from ft.recipe_io import load_recipe
 from conftest import DEMO_DATA, ROOT, run_ft, write_recipe
 
-IMAGE = DEMO_DATA / "images" / "train_0004.png"
+IMAGE = DEMO_DATA / "images" / "train_0007.png"
 
 
 @pytest.fixture(autouse=True)

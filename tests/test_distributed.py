@@ -22,6 +22,7 @@ from ft.callbacks import read_metrics
 from ft.data import load_rows
 from ft.data_checks import check_rows
 from ft.recipe import DataSection
+from ft.recipe_io import load_recipe
 from ft.tiny import tiny_processor
 from conftest import DEMO_DATA, ROOT, ft_command, ft_env, run_ft, write_recipe
 
@@ -110,6 +111,19 @@ def train_run(folder: Path, data: Path, processes: int, batch: int, multimodal: 
     return folder / "run"
 
 
+def assert_same_adam_result(got: torch.Tensor, want: torch.Tensor, lr: float, steps: int, what: str) -> None:
+    """The same trained tensor from two summation orders, as AdamW makes it: AdamW moves an element by about lr a step
+    whatever its gradient's size, so an element whose gradient is within float32 rounding of zero (lora_A's at the
+    step after lora_B leaves zero) may step either way, a difference of up to 2 x lr a step, where the sums' order
+    decides. At most 0.1% of a tensor's elements may do that; all the others together are within 1e-3 of the
+    tensor's norm. Gradients left unsynchronised, or a loss over another token count, move most elements."""
+    diff = (got - want).abs().flatten()
+    flipped = max(1, diff.numel() // 1000)
+    rest = diff.sort().values[:-flipped]
+    assert float(rest.norm()) <= 1e-3 * float(want.norm()), what
+    assert float(diff.max()) <= 2 * lr * steps * (1 + 1e-3), what
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("multimodal", [False, True], ids=["text-lora", "vision-audio-lora"])
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, mixed_rows: Path,
@@ -118,9 +132,9 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, m
     the global count of labelled tokens (as trl's average_tokens_across_devices), so the same sums in another
     order; the last step's one row leaves one rank with fillers only. Tolerances: float32 sums
     taken in another order (two ranks' partial sums, gloo's all-reduce) differ by about 1e-6 relative a step, and
-    three AdamW steps at lr 3e-3 keep that far below 1e-3, while the faults this guards against moved the loss by more
-    on the demo's rows at batch 8 x 2: each rank's own token count by 1.6e-3 at step 1, gradients left unsynchronised
-    by 4.5e-3 at step 2."""
+    three AdamW steps at lr 3e-3 keep the losses far below 1e-3 apart, while the faults this guards against moved the
+    loss by more on the demo's rows at batch 8 x 2: each rank's own token count by 1.6e-3 at step 1, gradients left
+    unsynchronised by 4.5e-3 at step 2. The adapters: see `assert_same_adam_result`."""
     data = DataSection(train=mixed_rows, max_seq_length=256, too_long="error")  # lengths row by row
     lengths = check_rows(load_rows(mixed_rows), tiny_processor_70(), data, "train")[1]
     rows = load_rows(mixed_rows)
@@ -140,8 +154,9 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, m
     a = load_file(two / "adapter" / "adapter_model.safetensors")
     b = load_file(one / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any("embed_vision" in key for key in a) == multimodal
-    for key in a:  # each tensor within 1e-3 of its norm (every one was trained: lora_B starts at 0)
-        assert float((a[key] - b[key]).norm()) <= 1e-3 * float(b[key].norm()) and float(b[key].norm()) > 0, key
+    for key in a:  # every tensor trained (lora_B starts at 0), and the same tensor as one process makes
+        assert float(b[key].norm()) > 0, key
+        assert_same_adam_result(a[key], b[key], lr=3e-3, steps=len(losses), what=key)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4
     single = json.loads((one / "summary.json").read_text())
@@ -172,7 +187,8 @@ def test_devices_two_runs_the_demo_once(demo_on_two: Path) -> None:
     records = read_metrics(demo_on_two / "metrics.jsonl")
     logged = [r["step"] for r in records if "loss" in r]
     assert logged == sorted(set(logged)) and logged[-1] == summary["steps"]  # one writer: each step once
-    assert summary["steps"] == 3 * 240 // 16  # 240 rows, global batches of 8 x 2, 3 epochs
+    epochs = int(load_recipe(DEMO).train.epochs)
+    assert summary["steps"] == epochs * 240 // 16  # 240 rows, global batches of 8 x 2
     assert summary["eval_loss_last"] <= 0.7 * summary["eval_loss_first"]
     checkpoint = max((demo_on_two / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert sorted(p.name for p in checkpoint.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]

@@ -44,7 +44,11 @@ def f32_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def calibration(tiny) -> list[dict[str, torch.Tensor]]:
     """Four padded batches of demo rows with text, images and audio, encoded as training encodes them."""
     _, processor = tiny
-    rows = load_rows(DEMO_DATA / "train.jsonl")[:16]
+    every = load_rows(DEMO_DATA / "train.jsonl")
+    audio = [r for r in every if r.media("audio")][:4]
+    image = [r for r in every if r.media("image") and not r.media("audio")][:4]
+    text = [r for r in every if not r.media("image") and not r.media("audio")][:8]
+    rows = [row for group in zip(text[:4], image, audio, text[4:]) for row in group]  # each batch: every kind
     return [
         collate([encode_row(row, processor) for row in rows[i : i + 4]], processor.tokenizer.pad_token_id)
         for i in range(0, len(rows), 4)

@@ -122,7 +122,7 @@ def test_ft_train_counts_the_runs_steps_from_the_data(tmp_path: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"), [])
     rows = count_records(recipe.data.train)
     assert rows == sum(1 for line in recipe.data.train.read_text().splitlines() if line.strip())
-    assert optimizer_steps(recipe, rows) == 3 * math.ceil(rows / 8)
+    assert optimizer_steps(recipe, rows) == int(recipe.train.epochs) * math.ceil(rows / recipe.train.batch_size)
     assert optimizer_steps(load_recipe(write_recipe(tmp_path / "r.yaml"), ["train.max_steps=7"]), rows) == 7
 
 

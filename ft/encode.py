@@ -40,6 +40,7 @@ from ft.data import Row, load_audio, load_image
 IGNORE_INDEX = -100
 TURN_OPEN, TURN_CLOSE = "<|turn>", "<turn|>"
 MODEL_ROLE = "model"
+MODEL_HEADER = f"{TURN_OPEN}{MODEL_ROLE}\n"
 
 
 def render(row: Row, processor: ProcessorMixin) -> str:
@@ -48,8 +49,7 @@ def render(row: Row, processor: ProcessorMixin) -> str:
     is trained to say, after the very tokens it will see when asked in ft eval, llama.cpp or Ollama."""
     text = processor.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=False)
     prefix = answer_prefix(processor)
-    header = f"{TURN_OPEN}{MODEL_ROLE}\n"
-    return text.replace(header, header + prefix) if prefix else text
+    return text.replace(MODEL_HEADER, MODEL_HEADER + prefix) if prefix else text
 
 
 _PREFIXES: dict[str, str] = {}
@@ -70,8 +70,7 @@ def answer_prefix(processor: ProcessorMixin) -> str:
         written = processor.apply_chat_template(asked, tokenize=False, add_generation_prompt=False)
         prompt = processor.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
         opening = prompt.removeprefix(written)
-        header = f"{TURN_OPEN}{MODEL_ROLE}\n"
-        _PREFIXES[template] = opening.removeprefix(header) if opening.startswith(header) else ""
+        _PREFIXES[template] = opening.removeprefix(MODEL_HEADER) if opening.startswith(MODEL_HEADER) else ""
     return _PREFIXES[template]
 
 
@@ -81,13 +80,19 @@ def _decoded(tokenizer: PreTrainedTokenizerBase, tokens: tuple[int, ...]) -> str
     return tokenizer.decode(list(tokens))
 
 
+@functools.lru_cache(maxsize=16)
+def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
+    """`text`'s tokens (no special tokens added); the answer prefix is the same in every row."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def assistant_mask(input_ids: Sequence[int], processor: ProcessorMixin) -> np.ndarray:
     """True for tokens of model turns: after the `<|turn>model` header's newline and the template's answer prefix
     (`answer_prefix`), through `<turn|>`."""
     tokenizer = processor.tokenizer
     ids = np.asarray(input_ids)
     turn_open, turn_close = tokenizer.convert_tokens_to_ids([TURN_OPEN, TURN_CLOSE])
-    prefix = tuple(tokenizer(answer_prefix(processor), add_special_tokens=False)["input_ids"])
+    prefix = _token_ids(tokenizer, answer_prefix(processor))
     closes = np.flatnonzero(ids == turn_close)
     mask = np.zeros(len(ids), dtype=bool)
     resume = 0  # a turn marker inside a turn's text opens nothing
@@ -197,7 +202,6 @@ def truncate(features: dict[str, Any], max_length: int, processor: ProcessorMixi
     if len(ids) <= max_length:
         return features
     turn_open, turn_close = tokenizer.convert_tokens_to_ids([TURN_OPEN, TURN_CLOSE])
-    prefix = tuple(tokenizer(answer_prefix(processor), add_special_tokens=False)["input_ids"])
     closing = ids[max(i for i, t in enumerate(ids) if t == turn_close):]
     newline = {t for t in set(ids) if "\n" in tokenizer.decode([t])}
     cut = max_length - len(closing)

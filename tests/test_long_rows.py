@@ -88,9 +88,10 @@ def test_compiled_layers_equal_eager_without_recompiling(tiny, batch) -> None:
     image/audio batch (chunked attention) and on a plain text row (one causal call), and a row of a new length
     compiles nothing more: the graphs are shape-dynamic. Traced with "aot_eager" here (Dynamo and AOTAutograd, as on
     the GPU; Inductor's code generation is torch's own and runs on the GPU in tests/test_gpu.py)."""
-    end = int(batch["attention_mask"][1].sum())  # the text row's last tokens (its answer), within the sliding window
+    end = int(batch["attention_mask"][1].sum())  # the text row, unpadded, and its last tokens (the answer's among
+    assert 16 < end <= 64  # them): both within the sliding window, so both take the plain causal attention
     text, longer = ({key: batch[key][1:2, end - length : end] for key in ("input_ids", "attention_mask", "labels")}
-                    for length in (40, 57))
+                    for length in (end - 8, end))
     eager, compiled = (lora_model(tiny, attention.register()) for _ in range(2))
     for model in (eager, compiled):
         model.train()

@@ -8,9 +8,9 @@ and at a few thousand tokens the GPU waits on those launches more than it comput
 Inductor fuse the elementwise work around the matrix products into few kernels, and because every layer runs the same
 code, one compilation serves all 48 layers: Dynamo compiles a handful of graphs (sliding and full attention layers,
 the layers that keep their keys for sharing), not one per layer. Each of those is compiled again for a batch of one
-row against several and when transformers hands the layers a batch's extra arguments (labels), so a run holds
-a few tens of graphs: `RECOMPILE_LIMIT` lets Dynamo keep them all instead of falling back to eager code for the
-layers it meets last (torch's default of 8 is for one function called with a few shapes, not 48 layers).
+row against several and when transformers hands the layers a batch's extra arguments (labels), so a run can hold
+more graphs than torch's default limit of 8 a function: `RECOMPILE_LIMIT` lets Dynamo keep them all instead of
+falling back to eager code for the layers it meets last (the tiny model's test hit the default).
 
 Shapes are compiled dynamic (`dynamic=True`): every micro-batch of users' data has its own length, and a graph
 specialised to one length would recompile for the next. ft's chunked attention stays outside the graphs

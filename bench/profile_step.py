@@ -9,6 +9,8 @@ copies, optimizer, other), host-side synchronisations, and the top operators by 
 GPU is idle most of its wall time is bound by the host (Python, kernel launches, waits), not by arithmetic.
 
     python -m bench.profile_step --work /tmp/t12 --tokens 2048 --out $OUT/profile.json --switches sdpa no-liger
+    python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --switches before-fusing default \
+        --switch-steps 4                                    # ft's fused projections and norm against peft + Liger
     python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label no-offload \
         --set train.offload_activations=off                                                # a variant beside it
     python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label compiled \
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import gzip
 import json
 import re
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -51,30 +55,74 @@ def use_sdpa(model: torch.nn.Module, on: bool) -> None:
     model.get_base_model().set_attn_implementation("sdpa" if on else attention.IMPLEMENTATION)
 
 
-_LIGER: dict[torch.nn.Module, Any] = {}
+_SWAPPED: dict[str, dict[torch.nn.Module, Any]] = {}  # per switch: each module's forward before it
+
+
+def _swap(model: torch.nn.Module, switch: str, on: bool, select: Any, forward: Any | None) -> None:
+    """Switch on: each module `select` accepts gets `forward` (None: its class's own); off: its forward before."""
+    if on:
+        saved = _SWAPPED.setdefault(switch, {})
+        for module in filter(select, model.modules()):
+            saved[module] = module.__dict__.pop("forward", None)
+            if forward is not None:
+                module.forward = types.MethodType(forward, module)
+    else:
+        for module, before in _SWAPPED.pop(switch, {}).items():
+            module.__dict__.pop("forward", None)
+            if before is not None:
+                module.forward = before
+
+
+def _norm(module: torch.nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and "forward" in module.__dict__
 
 
 def drop_liger(model: torch.nn.Module, on: bool) -> None:
-    """transformers' own RMSNorm and MLP in place of Liger's kernels (`ft.kernels` sets them per module)."""
-    if on:
-        _LIGER.update({m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__
-                       and (type(m).__name__.endswith("RMSNorm") or type(m).__name__ == "Gemma4UnifiedTextMLP")})
-    else:
-        for module, forward in _LIGER.items():
-            module.forward = forward
-        _LIGER.clear()
+    """transformers' own RMSNorm and MLP in place of the fused kernels (`ft.kernels` sets them per module)."""
+    _swap(model, "no-liger", on, lambda m: "forward" in m.__dict__ and (_norm(m) or type(m).__name__ ==
+                                                                     "Gemma4UnifiedTextMLP"), None)
 
 
-SWITCHES = {"sdpa": use_sdpa, "no-liger": drop_liger}  # each runs SWITCH_STEPS steps after the profiled ones
-SWITCH_STEPS = 2  # the first may warm up new kernels; the second is the one to read
+def _liger_rms_norm(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_rms_norm
+
+    return liger_rms_norm(hidden_states, self.weight, self.eps, offset=0.0, casting_mode="gemma", in_place=False)
+
+
+def liger_norm(model: torch.nn.Module, on: bool) -> None:
+    """Liger's RMSNorm kernel (ft's before torch's fused one) in place of torch's."""
+    _swap(model, "liger-norm", on, _norm, _liger_rms_norm)
+
+
+def peft_lora(model: torch.nn.Module, on: bool) -> None:
+    """peft's own LoRA forward in place of ft's fused projections (`ft.fused_lora`)."""
+    _swap(model, "peft-lora", on, lambda m: hasattr(m, "lora_A") and "forward" in m.__dict__, None)
+
+
+def before_fusing(model: torch.nn.Module, on: bool) -> None:
+    """peft's LoRA forward and Liger's RMSNorm: ft's hf step as it was before `ft.fused_lora` and torch's norm."""
+    peft_lora(model, on)
+    liger_norm(model, on)
+
+
+def no_gc(model: torch.nn.Module, on: bool) -> None:
+    """Python's cyclic garbage collector off: whether its passes over a step's many short-lived objects cost time."""
+    (gc.disable if on else gc.enable)()
+
+
+SWITCHES = {"sdpa": use_sdpa, "no-gc": no_gc, "no-liger": drop_liger, "liger-norm": liger_norm, "peft-lora": peft_lora,
+            "before-fusing": before_fusing,
+            "default": lambda model, on: None}  # each runs --switch-steps steps after the profiled ones; "default"
+# again between them (`--switches before-fusing default before-fusing`) spreads a slow drift over both
 
 
 class StepProfiler(TrainerCallback):
     """Times the phases of every step, profiles steps `start` .. `start + count - 1` (1-based), then runs
-    `SWITCH_STEPS` steps with each of `switches` on (one at a time), each step labelled with its variant."""
+    `switch_steps` steps with each of `switches` on (one at a time), each step labelled with its variant."""
 
-    def __init__(self, start: int, count: int, trace: Path | None, switches: list[str]) -> None:
+    def __init__(self, start: int, count: int, trace: Path | None, switches: list[str], switch_steps: int) -> None:
         self.start, self.count, self.trace, self.switches = start, count, trace, switches
+        self.switch_steps = switch_steps
         self.steps: list[dict[str, Any]] = []
         self.profile: dict[str, Any] = {}
         self._marks: dict[str, float] = {}
@@ -90,7 +138,7 @@ class StepProfiler(TrainerCallback):
     def _variant(self, step: int) -> str:
         """The switch on at 1-based `step` ('default' before and between them)."""
         first = self.start + self.count
-        index = (step - first) // SWITCH_STEPS
+        index = (step - first) // self.switch_steps
         return self.switches[index] if step >= first and index < len(self.switches) else "default"
 
     def _switch(self, step: int) -> None:
@@ -233,7 +281,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones")
     parser.add_argument("--profiled", type=int, default=2, help="steps profiled")
     parser.add_argument("--switches", nargs="*", default=[], choices=list(SWITCHES),
-                        help=f"variants of the loaded model run {SWITCH_STEPS} steps each after the profiled steps")
+                        help="variants of the loaded model, run --switch-steps steps each after the profiled steps")
+    parser.add_argument("--switch-steps", type=int, default=2,
+                        help="steps per switch (the first may warm up new kernels)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="recipe overrides for this variant, e.g. train.offload_activations=off")
     parser.add_argument("--label", default="", help="a name for this variant in --out (default: the path)")
@@ -241,13 +291,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_checkpoint(args.work, args.shape)
     recipe_path = recipe_for(args.work, args.path, str(args.tokens), model, args.shape == "tiny")
-    steps = args.warmup + args.profiled + SWITCH_STEPS * len(args.switches)
+    steps = args.warmup + args.profiled + args.switch_steps * len(args.switches)
     recipe = load_recipe(recipe_path, [f"train.max_steps={steps}", *args.set])
     with rundir.claim(recipe.output.dir, "run"):
         backend = choose_backend(recipe, this_machine())
         from ft.train import train
 
-        profiler = StepProfiler(args.warmup + 1, args.profiled, args.trace, args.switches)
+        profiler = StepProfiler(args.warmup + 1, args.profiled, args.trace, args.switches, args.switch_steps)
         summary = train(recipe, backend, callbacks=[profiler], started_at=psutil.Process().create_time())
     result = {"tokens": args.tokens, "backend": backend.name, "overrides": args.set, "summary_throughput": summary["throughput"],
               "first_step_after_seconds": summary.get("first_step_after_seconds"),

@@ -2,7 +2,7 @@
 
 A short LoRA run of the tiny model on the GPU gives the same loss curve as on the CPU: same recipe, same seed, the hf
 backend (on CUDA `auto` would pick unsloth), fp32 weights and no quantization on both (on CUDA `auto` would pick NF4),
-so that only the code that runs on CUDA alone differs: trl's fused LM head against ft's chunked loss, Liger's RMSNorm
+so that only the code that runs on CUDA alone differs: trl's fused LM head against ft's chunked loss, the fused RMSNorm
 and GeGLU kernels, and, with gradient checkpointing, activation offloading (the demo's rows are shorter than one MLP
 tile; tests/test_long_rows.py checks tiles on the CPU).
 
@@ -21,11 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import copy
+
 import pytest
 import torch
 import yaml
 from conftest import run_ft, write_recipe
 
+from ft.kernels import use_fused_kernels
 from ft.resolve import UNSLOTH_WAIT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
@@ -91,6 +94,28 @@ def test_unsloth_backend_trains_as_the_hf_backend_does(tmp_path: Path) -> None:
 
     assert tensors(runs["auto"]) == tensors(runs["hf"])
     assert sorted(p.name for p in (runs["auto"] / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-6"]
+
+
+def test_fused_kernels_compute_what_transformers_modules_do(tiny) -> None:
+    """On bfloat16 rows, ft's RMSNorm (torch's fused kernel) and GeGLU MLP (Liger's) give transformers' outputs and
+    input gradients within bfloat16 rounding (both compute in float32 and round once)."""
+    model = copy.deepcopy(tiny[0]).to("cuda", torch.bfloat16)
+    layer = model.model.language_model.layers[0]
+    reference = copy.deepcopy(layer)
+    assert use_fused_kernels(layer) == 7  # four layer norms, the q and k norms and the MLP (the v norm has no scale)
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, model.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16) * 4
+    for name in ("input_layernorm", "self_attn.q_norm", "mlp"):
+        fused, plain = layer.get_submodule(name), reference.get_submodule(name)
+        width = fused.weight.shape[0] if hasattr(fused, "weight") else x.shape[-1]
+        rows = x[..., :width].clone().requires_grad_()
+        rows_ref = rows.detach().clone().requires_grad_()
+        out, out_ref = fused(rows), plain(rows_ref)
+        assert out.dtype == out_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out, out_ref, rtol=1.6e-2, atol=1e-2)
+        out.float().square().sum().backward()
+        out_ref.float().square().sum().backward()
+        torch.testing.assert_close(rows.grad, rows_ref.grad, rtol=3e-2, atol=3e-2)
 
 
 GGUF_12B = os.environ.get("FT_GGUF_12B", "")

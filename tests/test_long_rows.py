@@ -1,8 +1,9 @@
 """ft's machinery for long rows and fast steps against references, on the tiny model and a padded batch with image
 and audio rows: its chunked attention (ft.attention) against transformers' own eager attention, with query chunks
 small enough that every row spans many chunks and the sliding window crosses chunk borders (same logits, same LoRA
-gradients), its per-chunk masks against the dense mask, the tiled MLP (ft.tiling) against the untiled one, and the
-compiled decoder layers (ft.compiled) against eager ones."""
+gradients), its per-chunk masks against the dense mask, the tiled MLP (ft.tiling) against the untiled one, the
+compiled decoder layers (ft.compiled) against eager ones, and the fused LoRA projections (ft.fused_lora) against
+peft's own."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from ft import attention
 from ft.data import load_rows
 from ft.encode import collate, encode_row
 from ft.compiled import compile_layers, compiled_graphs
-from ft.lora import apply_lora
+from ft.fused_lora import fuse_lora_projections
+from ft.lora import apply_lora, lora_modules
+from ft.models import load_model
 from ft.recipe import LoraSection
 from ft.tiling import tile_mlps
 
@@ -40,11 +43,12 @@ def batch(processor):
     return collate(encoded, processor.tokenizer.pad_token_id)
 
 
-def lora_model(tiny, implementation: str) -> torch.nn.Module:
-    model = copy.deepcopy(tiny[0]).float()
+def lora_model(tiny, implementation: str, base: torch.nn.Module | None = None,
+               lora: LoraSection = LoraSection(r=4)) -> torch.nn.Module:
+    model = copy.deepcopy(tiny[0]).float() if base is None else base
     model.set_attn_implementation(implementation)
     torch.manual_seed(0)
-    model = apply_lora(model, LoraSection(r=4))
+    model = apply_lora(model, lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)  # nonzero B, so the LoRA path is part of the comparison
@@ -106,6 +110,36 @@ def test_compiled_layers_equal_eager_without_recompiling(tiny, batch) -> None:
     eager.zero_grad()
     assert_same(forward_backward(compiled, longer), forward_backward(eager, longer))
     assert compiled_graphs() == graphs
+
+
+@pytest.mark.parametrize("base", ["float32", "nf4"])
+def test_fused_lora_projections_equal_peft(tiny, batch, base) -> None:
+    """Every LoRA projection as one fused autograd node gives peft's logits, loss and LoRA gradients on the padded
+    image/audio batch under gradient checkpointing, with LoRA on the image and audio projections too, over a float32
+    base and over an NF4 base (bitsandbytes' CPU kernels); under bfloat16 autocast it stays within bfloat16's
+    rounding of peft's; a projection with dropout keeps peft's forward."""
+    lora = LoraSection(r=4, vision=True, audio=True)
+
+    def model() -> torch.nn.Module:
+        source = None if base == "float32" else load_model("tiny-random:gemma4-unified", "float32", "cpu", "nf4")
+        built = lora_model(tiny, attention.register(), source, lora)
+        built.train()
+        built.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return built
+
+    reference, fused = model(), model()
+    assert fuse_lora_projections(fused) == len(lora_modules(fused)) > 40
+    assert_same(forward_backward(fused, batch), forward_backward(reference, batch))
+    for m in (reference, fused):
+        m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = (forward_backward(m, batch)
+                                                                    for m in (fused, reference))
+    assert logits.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads.values())
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    for name, grad in grads.items():
+        assert torch.linalg.norm(grad - ref_grads[name]) <= 0.05 * torch.linalg.norm(ref_grads[name]), name
+    assert fuse_lora_projections(lora_model(tiny, "eager", lora=LoraSection(r=4, dropout=0.1))) == 0
 
 
 def test_chunk_masks_tile_the_dense_mask() -> None:

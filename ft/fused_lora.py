@@ -1,0 +1,109 @@
+"""One autograd node per LoRA projection: the base matmul and the low-rank update in one forward and one backward.
+
+peft's LoRA layer runs its frozen base (bitsandbytes' 4-bit matmul: its own autograd node), clones the result, then
+`lora_B(lora_A(x)) * scaling` and an add: five autograd nodes, a copy of the output and, under autocast, casts of x
+and of both float32 LoRA weights, for each of the 328 projections of the 12B in each of a checkpointed step's three
+passes. ft's hf step is bound by that host work, not by the GPU ("Training speed on users' data" in
+docs/BENCHMARKS.md), so ft runs each projection as one `torch.autograd.Function` whose backward is written out:
+
+    y  = x W^T + s (x A^T) B^T                 W dequantised from NF4 in the forward and again in the backward
+    dx = g W + s (g B) A      dA = s (g B)^T x      dB = s g^T (x A^T)
+
+It keeps only x (peft keeps x, a cast copy of x and x A^T), computes in x's dtype (bfloat16 under training's
+autocast, as peft's matmuls do there) and returns the LoRA gradients in the LoRA weights' own float32. peft and
+bitsandbytes have no such path; unsloth's `fast_lora` does the same inside unsloth (read, not copied), which is
+why it is written here. What it cannot express keeps peft's forward: dropout on the LoRA input, DoRA and other
+variants, several active adapters, a merged or disabled adapter, and single-token inputs (generation, where
+bitsandbytes' own matrix-vector kernel is faster than dequantising).
+
+    >>> import torch
+    >>> from peft import LoraConfig, get_peft_model
+    >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 4)), LoraConfig(r=2, target_modules=["0"]))
+    >>> fuse_lora_projections(model)
+    1
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base's weight as a dense [out, in] matrix in `dtype` (dequantised when it is NF4/FP4)."""
+    weight = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+class _LoraProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: nn.Module, scale: float):
+        ctx.input_dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # autocast would run peft's matmuls in its dtype: so does this
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        rows = x.reshape(-1, x.shape[-1])
+        a_, b_ = a.to(x.dtype), b.to(x.dtype)
+        out = rows @ _base_weight(base, x.dtype).t()
+        out.addmm_(rows @ a_.t(), b_.t(), alpha=scale)
+        if base.bias is not None:
+            out += base.bias.to(x.dtype)
+        ctx.save_for_backward(x, a, b)
+        ctx.base, ctx.scale = base, scale
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, a, b = ctx.saved_tensors
+        base, scale = ctx.base, ctx.scale
+        rows = x.reshape(-1, x.shape[-1])
+        g = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
+        a_, b_ = a.to(x.dtype), b.to(x.dtype)
+        gb = g @ b_  # [tokens, r], shared by dx and dA
+        dx = da = db = None
+        if ctx.needs_input_grad[0]:
+            dx = g @ _base_weight(base, x.dtype)
+            dx.addmm_(gb, a_, alpha=scale)
+            dx = dx.view(x.shape).to(ctx.input_dtype)
+        if ctx.needs_input_grad[1]:
+            da = torch.mm(gb.t(), rows).mul_(scale).to(a.dtype)
+        if ctx.needs_input_grad[2]:
+            db = torch.mm(g.t(), rows @ a_.t()).mul_(scale).to(b.dtype)
+        return dx, da, db, None, None
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A peft LoRA layer's forward through `_LoraProjection`, or peft's own where the fused one does not apply."""
+    active = self.active_adapters
+    if (self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or x.numel() == x.shape[-1]
+            or active[0] not in self.lora_A):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    return _LoraProjection.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
+                                 self.scaling[name])
+
+
+def fuse_lora_projections(model: nn.Module) -> int:
+    """Give every plain LoRA projection of a peft model the fused forward; returns how many.
+
+    Projections with dropout or a LoRA variant (DoRA) keep peft's forward for good; the rest fall back to it per
+    call (see the module docstring).
+    """
+    fused = 0
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer") and isinstance(module.lora_A, nn.ModuleDict)):
+            continue
+        if not isinstance(module.base_layer, nn.Linear):  # bitsandbytes' Linear4bit is an nn.Linear too
+            continue
+        if any(not isinstance(d, nn.Identity) for d in module.lora_dropout.values()) or module.lora_variant:
+            continue
+        module.forward = types.MethodType(_fused_forward, module)
+        fused += 1
+    return fused

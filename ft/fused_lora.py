@@ -45,7 +45,8 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 class _LoraProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: nn.Module, scale: float):
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: nn.Module,
+                scale: float) -> torch.Tensor:
         ctx.input_dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):  # autocast would run peft's matmuls in its dtype: so does this
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -60,7 +61,7 @@ class _LoraProjection(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, a, b = ctx.saved_tensors
         base, scale = ctx.base, ctx.scale
         rows = x.reshape(-1, x.shape[-1])

@@ -99,10 +99,10 @@ def train(
         with loaded.blame("output.dir"):  # one writer (rank 0): a second process is told this one's PID
             held = distributed.on_main(lambda: rundir.claim(loaded.output.dir, "run"))
         with held or contextlib.nullcontext():
-            from ft.data_sources import count_records
+            from ft.data_split import training_row_count
             from ft.resolve import choose_backend, optimizer_steps, this_machine
 
-            steps = optimizer_steps(loaded, count_records(loaded.data.train))
+            steps = optimizer_steps(loaded, training_row_count(loaded))
             backend = choose_backend(loaded, this_machine(), steps)  # imports unsloth, if it is the one, before trl
             from ft.train import train as run_training  # heavy imports (transformers, trl) only when training
 

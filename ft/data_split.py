@@ -19,14 +19,20 @@ import json
 from pathlib import Path
 
 from ft.data import Row, Rows, load_rows
+from ft.data_sources import count_records
 from ft.errors import DataError
 from ft.recipe import Recipe
 
 
+def held_out_count(rows: int, size: float | int) -> int:
+    """How many of `rows` rows a `data.eval_split` of `size` holds out: a count, or a fraction (at least one)."""
+    return size if isinstance(size, int) else max(1, round(size * rows))
+
+
 def held_out(rows: list[Row], size: float | int, seed: int) -> tuple[list[Row], list[Row]]:
-    """(training rows, held-out rows) in their file order: `size` rows (a count, or a fraction of the rows, at
-    least one) with the smallest seeded hash go to the held-out set."""
-    count = size if isinstance(size, int) else max(1, round(size * len(rows)))
+    """(training rows, held-out rows) in their file order: `held_out_count` rows with the smallest seeded hash go
+    to the held-out set."""
+    count = held_out_count(len(rows), size)
     if count >= len(rows):
         raise DataError(f"data.eval_split asks for {count} held-out rows, but data.train has only {len(rows)}")
 
@@ -36,6 +42,16 @@ def held_out(rows: list[Row], size: float | int, seed: int) -> tuple[list[Row], 
 
     chosen = set(sorted(range(len(rows)), key=key)[:count])
     return ([r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen])
+
+
+def training_row_count(recipe: Recipe) -> int | None:
+    """The rows a run trains on, counted before they load (`count_records`) for `auto`'s choice by steps: data.train's
+    less those data.eval_split holds out (data.too_long's drops are known only once the rows are encoded); None
+    where the source cannot tell."""
+    rows = count_records(recipe.data.train)
+    if rows is None or recipe.data.eval is not None or not recipe.data.eval_split:
+        return rows
+    return max(rows - held_out_count(rows, recipe.data.eval_split), 0)
 
 
 def recipe_rows(recipe: Recipe) -> tuple[Rows, list[Row]]:

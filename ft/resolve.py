@@ -10,8 +10,9 @@ calls for `CUDA_WITH_UNSLOTH`, the machine a recipe's plan is for, from any mach
 
 - backend: `hf` anywhere; `unsloth` on CUDA only. `auto` is unsloth on CUDA where it imports, a micro-batch of the
   recipe's longest rows (`train.batch_size` x `data.max_seq_length`) is at most `UNSLOTH_STEP_TOKENS` tokens and the
-  run is longer than `UNSLOTH_MIN_STEPS` optimizer steps (counted from the data file before anything loads), hf
-  elsewhere. A run on unsloth says in its reason that it waits for unsloth's compilation.
+  run is longer than `UNSLOTH_MIN_STEPS` optimizer steps (counted from the data file before anything loads,
+  `ft.data_split.training_row_count`), hf elsewhere. A run on unsloth says in its reason that it waits for unsloth's
+  compilation.
 - dtype: `auto` is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow and imprecise).
 - quantization: `auto` is nf4 (QLoRA) on CUDA, where memory is the limit, and none elsewhere (exact and faster on a
   CPU).

@@ -17,6 +17,7 @@ from ft import resolve
 from ft.errors import RecipeError
 from ft.recipe_io import load_recipe
 from ft.data_sources import count_records
+from ft.data_split import recipe_rows, training_row_count
 from ft.resolve import (
     CUDA_WITH_UNSLOTH,
     UNSLOTH_MIN_STEPS,
@@ -118,10 +119,15 @@ def test_auto_on_cuda_picks_hf_for_a_short_run(tmp_path: Path, steps: int, picke
 
 def test_ft_train_counts_the_runs_steps_from_the_data(tmp_path: Path) -> None:
     """`ft train` counts the rows of data.train before choosing (the demo's 240 rows at batch 8 for 3 epochs are 90
-    optimizer steps), as optimizer_steps computes them from the recipe."""
+    optimizer steps), as optimizer_steps computes them from the recipe, less the rows data.eval_split holds out
+    (as many as the split itself takes)."""
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"), [])
-    rows = count_records(recipe.data.train)
-    assert rows == sum(1 for line in recipe.data.train.read_text().splitlines() if line.strip())
+    rows = training_row_count(recipe)
+    assert rows == count_records(recipe.data.train) == sum(
+        1 for line in recipe.data.train.read_text().splitlines() if line.strip())
+    for split in ("data.eval_split=0.05", "data.eval_split=30"):
+        held = load_recipe(write_recipe(tmp_path / "r.yaml"), ["data.eval=null", split])
+        assert training_row_count(held) == len(recipe_rows(held)[0]) < rows
     assert optimizer_steps(recipe, rows) == int(recipe.train.epochs) * math.ceil(rows / recipe.train.batch_size)
     assert optimizer_steps(load_recipe(write_recipe(tmp_path / "r.yaml"), ["train.max_steps=7"]), rows) == 7
 

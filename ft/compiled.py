@@ -1,7 +1,7 @@
 """The decoder's layers compiled with torch.compile, on the hf backend when `train.compile_layers` asks: fewer, fused
 kernels a step.
 
-Eager, a training step at the 12B shape launches about 14,000 kernels from Python (peft's LoRA around each 4-bit
+Eager, a training step at the 12B shape launches about 14,000 kernels from Python (the LoRA around each 4-bit
 projection, the norms, rotary embeddings, residual adds, each in the forward, the recomputation and the backward),
 and at a few thousand tokens the GPU waits on those launches more than it computes
 (docs/BENCHMARKS.md#training-speed-on-users-data). Compiling each decoder layer ("regional compilation") lets
@@ -15,7 +15,8 @@ falling back to eager code for the layers it meets last (the tiny model's test h
 Shapes are compiled dynamic (`dynamic=True`): every micro-batch of users' data has its own length, and a graph
 specialised to one length would recompile for the next. ft's chunked attention stays outside the graphs
 (`ft.attention` marks it), because its chunk layout changes with the row; the graph breaks there once a layer.
-Liger's kernels are not used with compiled layers: Inductor fuses the same RMSNorm and GeGLU itself.
+ft's fused kernels (`ft.kernels`) are not used with compiled layers: Inductor fuses the same RMSNorm and GeGLU
+itself (Dynamo could not trace Liger's RMSNorm, a Triton autograd Function as its GeGLU is).
 
 The layers run under gradient checkpointing as before: the checkpoint wraps the compiled call, and its recomputation
 runs the compiled forward again.

@@ -4,7 +4,7 @@ The base model loads in the resolved dtype and base (`ft.resolve`, `ft.models`);
 (`ft.attention`), fused RMSNorm and GeGLU kernels on CUDA (`ft.kernels`) and, where the settings say so, MLP tiles
 (`ft.tiling`) go in before peft wraps the model with one LoRA over the recipe's modules (`ft.lora`), whose
 projections then run as one fused autograd node each (`ft.fused_lora`); where the recipe asks, the decoder layers
-are then compiled (`ft.compiled`, in place of the fused kernels: Dynamo cannot trace Liger's GeGLU).
+are then compiled (`ft.compiled`, in place of the fused kernels, as that module says why).
 """
 
 from __future__ import annotations

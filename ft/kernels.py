@@ -6,10 +6,10 @@ The fused kernels compute the same functions keeping only the bf16 input and one
 and up (GeGLU), which is most of what a layer holds while it is recomputed under gradient checkpointing. The norm is
 torch's `rms_norm` (one CUDA kernel each way, the same float32 arithmetic as transformers' and as Liger's "gemma"
 casting) rather than Liger's, whose Python launch costs several times the host time a call of torch's kernel, in a
-step that the host bounds (measured in docs/BENCHMARKS.md, "Training speed on users' data"). liger-kernel's own Gemma 4 patch targets
-`modeling_gemma4`, whose classes `gemma4_unified` does not use, so ft applies the GeGLU kernel to the model's modules
-itself. Triton runs on CUDA only: CPUs keep transformers' code, and `tests/test_gpu.py` checks the two against each
-other on the GPU.
+step that the host bounds (measured in docs/BENCHMARKS.md, "Training speed on users' data"). liger-kernel's own
+Gemma 4 patch targets `modeling_gemma4`, whose classes `gemma4_unified` does not use, so ft applies the GeGLU kernel to
+the model's modules itself. Triton runs on CUDA only: CPUs keep transformers' code, and `tests/test_gpu.py` checks the
+two against each other on the GPU.
 """
 
 from __future__ import annotations

@@ -21,10 +21,12 @@ GPU is idle most of its wall time is bound by the host (Python, kernel launches,
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import gc
 import gzip
 import json
+import pstats
 import re
 import sys
 import time
@@ -105,26 +107,43 @@ def before_fusing(model: torch.nn.Module, on: bool) -> None:
     liger_norm(model, on)
 
 
+def bnb_dequant(model: torch.nn.Module, on: bool) -> None:
+    """bitsandbytes' own `dequantize_4bit` (its Python checks and custom-op dispatches) in place of `ft.nf4`'s direct
+    call of the same kernels."""
+    from ft import nf4
+
+    if on:
+        _SWAPPED["bnb-dequant"] = {model: nf4._direct}
+        nf4._direct = lambda *_: False
+    else:
+        nf4._direct = _SWAPPED.pop("bnb-dequant")[model]
+
+
 def no_gc(model: torch.nn.Module, on: bool) -> None:
     """Python's cyclic garbage collector off: whether its passes over a step's many short-lived objects cost time."""
     (gc.disable if on else gc.enable)()
 
 
 SWITCHES = {"sdpa": use_sdpa, "no-gc": no_gc, "no-liger": drop_liger, "liger-norm": liger_norm, "peft-lora": peft_lora,
-            "before-fusing": before_fusing,
+            "before-fusing": before_fusing, "bnb-dequant": bnb_dequant,
             "default": lambda model, on: None}  # each runs --switch-steps steps after the profiled ones; "default"
 # again between them (`--switches before-fusing default before-fusing`) spreads a slow drift over both
 
 
 class StepProfiler(TrainerCallback):
-    """Times the phases of every step, profiles steps `start` .. `start + count - 1` (1-based), then runs
+    """Times the phases of every step, profiles steps `start` .. `start + count - 1` (1-based) with PyTorch's
+    profiler and the next `python_count` with Python's (where the host's time goes, by Python function), then runs
     `switch_steps` steps with each of `switches` on (one at a time), each step labelled with its variant."""
 
-    def __init__(self, start: int, count: int, trace: Path | None, switches: list[str], switch_steps: int) -> None:
+    def __init__(self, start: int, count: int, trace: Path | None, switches: list[str], switch_steps: int,
+                 python_count: int = 0) -> None:
         self.start, self.count, self.trace, self.switches = start, count, trace, switches
-        self.switch_steps = switch_steps
+        self.switch_steps, self.python_count = switch_steps, python_count
         self.steps: list[dict[str, Any]] = []
         self.profile: dict[str, Any] = {}
+        self.python_profile: list[dict[str, Any]] = []
+        self.peak_reserved_gib = 0.0
+        self._python: cProfile.Profile | None = None
         self._marks: dict[str, float] = {}
         self._prof: torch.profiler.profile | None = None
         self._model: torch.nn.Module | None = None
@@ -137,7 +156,7 @@ class StepProfiler(TrainerCallback):
 
     def _variant(self, step: int) -> str:
         """The switch on at 1-based `step` ('default' before and between them)."""
-        first = self.start + self.count
+        first = self.start + self.count + self.python_count
         index = (step - first) // self.switch_steps
         return self.switches[index] if step >= first and index < len(self.switches) else "default"
 
@@ -162,7 +181,13 @@ class StepProfiler(TrainerCallback):
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._prof = torch.profiler.profile(activities=activities)
             self._prof.__enter__()
+        if self.python_count and state.global_step + 1 == self.start + self.count:
+            self._python = cProfile.Profile()
+            self._python.enable()
         self._marks = {}
+        if torch.cuda.is_available():  # each step's own peak; the run's is kept here, as the reset clears it
+            self.peak_reserved_gib = max(self.peak_reserved_gib, torch.cuda.max_memory_reserved() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
         self._mark("begin")
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
@@ -181,6 +206,7 @@ class StepProfiler(TrainerCallback):
             "head_loss_backward": m.get("backward_end", 0.0) - m.get("forward_end", 0.0),
             "clip_and_optimizer": m.get("optimizer_end", 0.0) - m.get("backward_end", 0.0),
             "after_optimizer": m["end"] - m.get("optimizer_end", m["end"]),
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         })
         print(f"step {state.global_step} ({self.steps[-1]['variant']}): {self.steps[-1]['seconds']:.3f} s", flush=True)
         if self._prof is not None and state.global_step == self.start + self.count - 1:
@@ -188,6 +214,10 @@ class StepProfiler(TrainerCallback):
             wall = sum(s["seconds"] for s in self.steps[-self.count:])
             self.profile = summarize_profile(self._prof, wall, self.count, self.trace)
             self._prof = None
+        if self._python is not None and state.global_step == self.start + self.count + self.python_count - 1:
+            self._python.disable()
+            self.python_profile = summarize_python(self._python, self.python_count)
+            self._python = None
 
 
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -249,6 +279,16 @@ def summarize_profile(prof: torch.profiler.profile, wall: float, steps: int, tra
     }
 
 
+def summarize_python(prof: cProfile.Profile, steps: int, n: int = 40) -> list[dict[str, Any]]:
+    """The `n` Python functions (and C functions called from Python) with the most time of their own, per step;
+    cProfile's own cost a call inflates the figures, so they rank where the host's time goes rather than time it."""
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own time, cumulative, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:n]
+    return [{"function": f"{Path(file).name}:{line}({name})" if line else name, "calls": calls // steps,
+             "own_s": own / steps, "cumulative_s": cumulative / steps}
+            for (file, line, name), (_, calls, own, cumulative, _) in rows]
+
+
 def table(result: dict[str, Any]) -> str:
     p, lines = result["profile"], []
     lines.append(f"{result['tokens']} tokens, {result['backend']} backend, profiled {p['profiled_steps']} steps")
@@ -261,6 +301,8 @@ def table(result: dict[str, Any]) -> str:
                      .format(**step))
     lines += [f"  GPU {kind:28} {s:8.4f} s" for kind, s in p["gpu_seconds_by_kind"].items()]
     lines += [f"  host {r['name'][:60]:60} {r['self_cpu_s']:7.4f} s x{r['calls']}" for r in p["top_host_ops"][:12]]
+    lines += [f"  python {r['function'][:58]:58} own {r['own_s']:7.4f} s, with callees {r['cumulative_s']:7.4f} s "
+              f"x{r['calls']}" for r in result.get("python_profile", [])[:20]]
     return "\n".join(lines)
 
 
@@ -280,6 +322,8 @@ def main() -> None:
     parser.add_argument("--path", default="ft-hf", help="a bench.train_12b ft path (the backend it forces)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones")
     parser.add_argument("--profiled", type=int, default=2, help="steps profiled")
+    parser.add_argument("--python-profiled", type=int, default=0,
+                        help="steps under Python's profiler after the PyTorch-profiled ones")
     parser.add_argument("--switches", nargs="*", default=[], choices=list(SWITCHES),
                         help="variants of the loaded model, run --switch-steps steps each after the profiled steps")
     parser.add_argument("--switch-steps", type=int, default=2,
@@ -291,18 +335,23 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_checkpoint(args.work, args.shape)
     recipe_path = recipe_for(args.work, args.path, str(args.tokens), model, args.shape == "tiny")
-    steps = args.warmup + args.profiled + args.switch_steps * len(args.switches)
+    steps = args.warmup + args.profiled + args.python_profiled + args.switch_steps * len(args.switches)
     recipe = load_recipe(recipe_path, [f"train.max_steps={steps}", *args.set])
     with rundir.claim(recipe.output.dir, "run"):
         backend = choose_backend(recipe, this_machine())
         from ft.train import train
 
-        profiler = StepProfiler(args.warmup + 1, args.profiled, args.trace, args.switches, args.switch_steps)
+        profiler = StepProfiler(args.warmup + 1, args.profiled, args.trace, args.switches, args.switch_steps,
+                                args.python_profiled)
         summary = train(recipe, backend, callbacks=[profiler], started_at=psutil.Process().create_time())
+    if summary.get("memory"):
+        summary["memory"]["peak_reserved_gib"] = round(max(summary["memory"]["peak_reserved_gib"],
+                                                           profiler.peak_reserved_gib), 2)
     result = {"tokens": args.tokens, "backend": backend.name, "overrides": args.set, "summary_throughput": summary["throughput"],
               "first_step_after_seconds": summary.get("first_step_after_seconds"),
               "compiled_graphs": summary.get("compiled_graphs"),
-              "memory": summary.get("memory"), "steps": profiler.steps, "profile": profiler.profile}
+              "memory": summary.get("memory"), "steps": profiler.steps, "profile": profiler.profile,
+              "python_profile": profiler.python_profile}
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}
     previous["variants"][args.label or args.path] = result
     previous.update(benchmark="profile_step", date=datetime.date.today().isoformat(),

@@ -12,7 +12,8 @@ the plain transformers + peft + bitsandbytes recipe measured as the baseline.
   (QLoRA) holds the decoder's linear layers at 4.127 bits (NF4 with double-quantized absmax, blocks of 64) and the
   rest in bf16 (in fp32 for `transformers`: peft's `prepare_model_for_kbit_training` upcasts them; ft does not);
   an unquantized base is bf16 throughout.
-- LoRA: weights, gradients and AdamW's two moments, all fp32 (16 bytes per LoRA parameter).
+- LoRA: weights, gradients and AdamW's two moments, all fp32 (16 bytes per LoRA parameter), and on ft's path the
+  bf16 copies its fused projections compute with (2 more).
 - checkpoints: with gradient checkpointing, each decoder layer's bf16 input, kept until the backward pass reaches
   it; ft offloads them to CPU memory (`train.offload_activations`), leaving only trl's in-flight stash on the GPU.
 - the layer being recomputed: per token, a share of the residual width (norms, projections, attention) and of the
@@ -52,6 +53,7 @@ from ft.tiling import TILE
 GIB = 1 << 30
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit codes, an 8-bit absmax per 64, an fp32 scale per 256 absmax
 LORA_BYTES = 16  # fp32 weight, gradient and two AdamW moments
+HF_LORA_COPY_BYTES = 2  # ft's fused projections keep a bf16 copy of each LoRA weight for a step (ft.fused_lora)
 FULL_LOGIT_BYTES = 24  # per vocabulary entry per token, transformers' own loss
 SLACK_GIB = 0.55  # fitted to the plain unsloth and transformers runs
 # ft's path: bytes per token, per unit of residual width and of MLP width, of the layer being recomputed (its MLP
@@ -161,7 +163,7 @@ def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool
         checkpoints = tokens * layer_input * counts.layers
     return MemoryPlan(
         weights=weights / GIB,
-        lora=counts.lora * LORA_BYTES / GIB,
+        lora=counts.lora * (LORA_BYTES + (HF_LORA_COPY_BYTES if backend == "hf" else 0)) / GIB,
         checkpoints=checkpoints / GIB,
         working=working / GIB,
         logits=logits / GIB,

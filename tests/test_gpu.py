@@ -118,6 +118,71 @@ def test_fused_kernels_compute_what_transformers_modules_do(tiny) -> None:
         torch.testing.assert_close(rows.grad, rows_ref.grad, rtol=3e-2, atol=3e-2)
 
 
+def test_nf4_dequantisation_is_bitsandbytes_own() -> None:
+    """ft's direct call of bitsandbytes' CUDA kernels gives exactly what bitsandbytes' `dequantize_4bit` gives, for a
+    12B-sized MLP weight quantised as ft loads them (NF4, nested absmax), into bfloat16 and float16."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    from ft import nf4
+
+    for dtype in (torch.bfloat16, torch.float16):
+        layer = bnb.nn.Linear4bit(3840, 15360, bias=False, compute_dtype=dtype, compress_statistics=True,
+                                  quant_type="nf4", quant_storage=torch.uint8)
+        layer.weight = bnb.nn.Params4bit(torch.randn(15360, 3840, dtype=dtype) * 0.02, requires_grad=False,
+                                         compress_statistics=True, quant_type="nf4")
+        layer = layer.cuda()
+        assert nf4._direct(layer.weight, layer.weight.quant_state, dtype)
+        expected = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert torch.equal(nf4.dequantize(layer.weight, dtype), expected)
+
+
+def test_fused_lora_on_cuda_equals_peft() -> None:
+    """On CUDA (NF4 base dequantised by `ft.nf4`, bfloat16 autocast, LoRA gradients written as float32 by the matmul),
+    the fused projections give peft's loss and LoRA gradients within bfloat16 rounding, and keep doing so on the
+    weights AdamW's steps leave (the copies of A and B they compute with follow each step)."""
+    from ft.fused_lora import fuse_lora_projections
+    from ft.lora import apply_lora
+    from ft.models import load_model
+    from ft.recipe import LoraSection
+
+    models = []
+    for _ in range(2):
+        base = load_model("tiny-random:gemma4-unified", "bfloat16", "cuda", "nf4")
+        torch.manual_seed(0)
+        model = apply_lora(base, LoraSection(r=8))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        model.train()
+        models.append(model)
+    reference, fused = models
+    assert fuse_lora_projections(fused) > 40
+    lora = [n for n, p in fused.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([fused.get_parameter(n) for n in lora], lr=1e-3)
+    ids = torch.randint(10, 200, (2, 96), generator=torch.Generator().manual_seed(0)).cuda()
+    for _ in range(3):  # the reference gets the fused model's weights as AdamW leaves them (in-place copies)
+        with torch.no_grad():
+            for name in lora:
+                reference.get_parameter(name).copy_(fused.get_parameter(name))
+        results = []
+        for model in models:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+            model.zero_grad()
+        (ref_loss, ref_grads), (loss, grads) = results
+        assert loss == pytest.approx(ref_loss, rel=1e-2)
+        assert grads.keys() == ref_grads.keys() and all(g.dtype == torch.float32 for g in grads.values())
+        for name, grad in grads.items():
+            assert torch.linalg.norm(grad - ref_grads[name]) <= 0.05 * torch.linalg.norm(ref_grads[name]), name
+        for name, grad in grads.items():
+            fused.get_parameter(name).grad = grad
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 GGUF_12B = os.environ.get("FT_GGUF_12B", "")
 FIRST = {"numpy": "import numpy", "torch with CUDA": "import torch; torch.zeros(1, device='cuda')"}
 

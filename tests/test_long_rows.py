@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from conftest import DEMO_DATA
+from peft import LoraConfig, get_peft_model
 from transformers.masking_utils import (
     and_masks,
     blockwise_overlay,
@@ -140,6 +141,35 @@ def test_fused_lora_projections_equal_peft(tiny, batch, base) -> None:
     for name, grad in grads.items():
         assert torch.linalg.norm(grad - ref_grads[name]) <= 0.05 * torch.linalg.norm(ref_grads[name]), name
     assert fuse_lora_projections(lora_model(tiny, "eager", lora=LoraSection(r=4, dropout=0.1))) == 0
+
+
+def test_fused_lora_follows_every_update_of_the_weights() -> None:
+    """The fused projection's bfloat16 copies of A and B (cast once per optimizer step) follow AdamW's steps and any
+    other in-place change: after each, the fused forward equals peft's on the same weights, and differs from the one
+    before the update."""
+    torch.manual_seed(0)
+    reference = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 16)),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    fused = copy.deepcopy(reference)
+    assert fuse_lora_projections(fused) == 1
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (reference, fused)]
+    x = torch.randn(3, 5, 32)
+    before = None
+    for update in ("adamw", "adamw", "in place", "none: the last check"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = [m(x) for m in (reference, fused)]
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=2e-2, atol=2e-2)
+        assert before is None or not torch.allclose(outputs[1], before, atol=1e-2)
+        before = outputs[1].detach()
+        if update == "adamw":
+            for out, optimizer in zip(outputs, optimizers):
+                out.float().square().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        elif update == "in place":
+            with torch.no_grad():
+                for m in (reference, fused):
+                    m.base_model.model[0].lora_B["default"].weight.mul_(-2)
 
 
 def test_chunk_masks_tile_the_dense_mask() -> None:

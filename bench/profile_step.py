@@ -119,13 +119,39 @@ def bnb_dequant(model: torch.nn.Module, on: bool) -> None:
         nf4._direct = _SWAPPED.pop("bnb-dequant")[model]
 
 
+def empty_cache(model: torch.nn.Module, on: bool) -> None:
+    """trl's activation offloading as trl has it, emptying PyTorch's allocator cache at every step's start."""
+    from trl.models.activation_offloading import OffloadActivations
+
+    from ft.train import OffloadKeepingAllocatorCache
+
+    if on:
+        _SWAPPED["empty-cache"] = {model: OffloadKeepingAllocatorCache.__enter__}
+        OffloadKeepingAllocatorCache.__enter__ = OffloadActivations.__enter__
+    else:
+        OffloadKeepingAllocatorCache.__enter__ = _SWAPPED.pop("empty-cache")[model]
+
+
+def chunk_checkpoint(model: torch.nn.Module, on: bool) -> None:
+    """Every masked attention chunk recomputed in the backward pass, however small its mask (ft's before
+    `ft.attention.KEPT_MASKS_BYTES`)."""
+    from ft import attention
+
+    if on:
+        _SWAPPED["chunk-checkpoint"] = {model: attention.KEPT_MASKS_BYTES}
+        attention.KEPT_MASKS_BYTES = 0
+    else:
+        attention.KEPT_MASKS_BYTES = _SWAPPED.pop("chunk-checkpoint")[model]
+
+
 def no_gc(model: torch.nn.Module, on: bool) -> None:
     """Python's cyclic garbage collector off: whether its passes over a step's many short-lived objects cost time."""
     (gc.disable if on else gc.enable)()
 
 
 SWITCHES = {"sdpa": use_sdpa, "no-gc": no_gc, "no-liger": drop_liger, "liger-norm": liger_norm, "peft-lora": peft_lora,
-            "before-fusing": before_fusing, "bnb-dequant": bnb_dequant,
+            "before-fusing": before_fusing, "bnb-dequant": bnb_dequant, "empty-cache": empty_cache,
+            "chunk-checkpoint": chunk_checkpoint,
             "default": lambda model, on: None}  # each runs --switch-steps steps after the profiled ones; "default"
 # again between them (`--switches before-fusing default before-fusing`) spreads a slow drift over both
 

@@ -50,6 +50,7 @@ from transformers.masking_utils import (
 
 IMPLEMENTATION = "ft_chunked"
 QUERY_CHUNK = 1024  # queries per chunk: the sliding window's length, so a sliding chunk sees at most 2 windows
+KEPT_MASKS_BYTES = 256 << 20  # masks of a layer's chunks kept for the backward up to this size; past it, recomputed
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,12 @@ def chunked_attention(
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
 
-        # A masked kernel keeps its mask, widened to float and to every head, for the backward pass: each chunk is
-        # recomputed there instead, so one chunk's mask exists at a time (the attention is a few % of a step).
-        run = functools.partial(checkpoint, attend, use_reentrant=False) if torch.is_grad_enabled() else attend
+        # A masked kernel keeps its mask, widened to every head, for the backward pass: on long rows (many chunks,
+        # KEPT_MASKS_BYTES) each chunk is recomputed there instead, so that one chunk's mask exists at a time; short
+        # rows keep theirs and save the recomputation's host time (docs/BENCHMARKS.md, "Training speed on users' data")
+        widened = sum(heads * c.allowed[:, 0].numel() for c in attention_mask.chunks)
+        recompute = torch.is_grad_enabled() and widened * query.element_size() > KEPT_MASKS_BYTES
+        run = functools.partial(checkpoint, attend, use_reentrant=False) if recompute else attend
         output = torch.cat([
             run(query[:, :, c.q_start : c.q_end], key[:, :, c.k_start : c.k_end], value[:, :, c.k_start : c.k_end],
                 c.allowed)

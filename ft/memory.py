@@ -19,6 +19,7 @@ the plain transformers + peft + bitsandbytes recipe measured as the baseline.
 - the layer being recomputed: per token, a share of the residual width (norms, projections, attention) and of the
   MLP width (gate, up and their product), fitted to GPU measurements; with `train.tiled_mlp` the MLP's share is
   held for one tile of `ft.tiling.TILE` tokens only. Without checkpointing every layer keeps its working set.
+- the attention masks ft's chunked attention keeps for the recomputed layer's backward while they are small.
 - logits: `transformers` keeps the bf16 logits, their fp32 copy, the softcap and the loss gradient over the whole
   vocabulary for every token; trl's fused LM head (ft's loss on CUDA) holds one vocabulary tile of 4096 tokens and
   the fp32 gradient of the final hidden states; unsloth's fused cross-entropy keeps none beyond the slack.
@@ -46,6 +47,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ft.attention import KEPT_MASKS_BYTES, QUERY_CHUNK
 from ft.lora import target_regex
 from ft.recipe import LoraSection
 from ft.tiling import TILE
@@ -117,6 +119,7 @@ class ParamCounts:
     hidden: int
     intermediate: int
     vocab: int
+    heads: int
 
 
 def count_parameters(config: object, lora: LoraSection) -> ParamCounts:
@@ -137,7 +140,7 @@ def count_parameters(config: object, lora: LoraSection) -> ParamCounts:
     total = sum(p.numel() for p in model.parameters())
     text = config.text_config
     return ParamCounts(quantizable, total - quantizable, lora_params, text.num_hidden_layers, text.hidden_size,
-                   text.intermediate_size, text.vocab_size)
+                   text.intermediate_size, text.vocab_size, text.num_attention_heads)
 
 
 def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool,
@@ -149,6 +152,9 @@ def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool
     if backend == "hf":
         residual, mlp = HF_RESIDUAL_BYTES * counts.hidden, HF_MLP_BYTES * counts.intermediate
         working = tokens * residual + min(tokens, TILE if tiled_mlp else tokens) * mlp
+        # the attention masks of the recomputed layer's chunks, kept for its backward while they are small (bf16,
+        # widened to every head, each query seeing at most two chunks of keys: ft.attention)
+        working += min(KEPT_MASKS_BYTES, tokens * min(tokens, 2 * QUERY_CHUNK) * counts.heads * 2)
         logits = tokens * counts.hidden * 6  # the fused head's fp32 gradient and bf16 copy of the labelled states
         slack = HF_SLACK_GIB
     else:  # plain unsloth and transformers, fitted on an H100 (issue #4)

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from rich.console import Console
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
+from trl.models.activation_offloading import OffloadActivations
 
 from ft import backends, distributed
 from ft.atomic import remove_stale_temporaries, staged_dir, write_text
@@ -62,11 +63,29 @@ RUN_ENTRIES = ("recipe.yaml", "checkpoints", "adapter", "metrics.jsonl", "sample
                "wandb", "base", "drafter-base")
 
 
+class OffloadKeepingAllocatorCache(OffloadActivations):
+    """trl's activation offloading, less the `torch.cuda.empty_cache()` it calls at every step's start whenever
+    bitsandbytes is imported: that hands every cached block back to the driver, so each step asks for them again
+    (hundreds of cudaMalloc calls a step on the 12B, each synchronising), host time in a step the host bounds
+    (docs/BENCHMARKS.md, "Training speed on users' data"). trl empties the cache against bitsandbytes' dequantisation
+    buffers piling up in it; ft's projections dequantise into ordinary tensors (`ft.nf4`), and the peaks over the
+    realistic set's varied lengths, recorded there, show no such growth."""
+
+    def __enter__(self) -> OffloadActivations:
+        empty_cache, torch.cuda.empty_cache = torch.cuda.empty_cache, lambda: None
+        try:
+            return super().__enter__()
+        finally:
+            torch.cuda.empty_cache = empty_cache
+
+
 class RecipeTrainer(SFTTrainer):
     """trl's SFTTrainer (its fused LM head and activation offloading) on ft's own encoded rows. What ft changes:
     checkpoints appear under `checkpoint-N` only when complete, rows of similar length are batched together when
     given a sampler (`ft.batching`), on CPUs the loss is ft's chunked one (`ft.loss`; trl's head is Triton), each
-    step's tokens are counted for the step clock, and trl writes no model card among the checkpoints.
+    step's tokens are counted for the step clock, trl writes no model card among the checkpoints, trl's activation
+    offloading keeps the allocator's cache (`OffloadKeepingAllocatorCache`) and the FLOP estimate's parameter count is
+    taken once.
 
     transformers writes a checkpoint file by file into its final folder, so a kill mid-save leaves a folder that
     `--resume` would pick up and fail on. Here each checkpoint is written into a hidden staging folder and renamed.
@@ -82,12 +101,23 @@ class RecipeTrainer(SFTTrainer):
             # ft's loss divides by the labelled tokens of the whole step (every micro-batch, every rank), which the
             # Trainer counts only for a model that says it takes them; Gemma 4's forward says it does not
             self.model_accepts_loss_kwargs = True
+        if type(self.maybe_activation_offload_context) is OffloadActivations:
+            self.maybe_activation_offload_context.__class__ = OffloadKeepingAllocatorCache
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.clock is not None:
             trained = (inputs["labels"] != IGNORE_INDEX).any(dim=1)  # not the fillers of a short last batch (no labels)
             self.clock.tokens += int(inputs["attention_mask"][trained].sum())
         return super().training_step(model, inputs, *args, **kwargs)
+
+    @cached_property
+    def _parameter_count(self) -> int:
+        return self.model.num_parameters(exclude_embeddings=True)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """transformers' estimate (6 x tokens x parameters), with the parameters counted once: transformers counts
+        them for every step, walking the model's some 4,000 modules, host time in every step."""
+        return 6 * inputs["input_ids"].numel() * self._parameter_count
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         return self.train_sampler or super()._get_train_sampler(train_dataset)

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 from conftest import DEMO_DATA
 from peft import LoraConfig, get_peft_model
 from transformers.masking_utils import (
@@ -73,11 +74,21 @@ def assert_same(result: tuple, reference: tuple) -> None:
         assert torch.allclose(grad, ref_grads[name], atol=1e-6, rtol=1e-3), name
 
 
-def test_chunked_attention_equals_eager(tiny, batch, monkeypatch) -> None:
+@pytest.mark.parametrize("kept", [True, False], ids=["masks-kept", "chunks-recomputed"])
+def test_chunked_attention_equals_eager(tiny, batch, monkeypatch, kept: bool) -> None:
+    """Under gradient checkpointing, with the chunks' masks kept for the backward pass or each chunk recomputed
+    there (long rows' masks past `KEPT_MASKS_BYTES`)."""
     monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # the sliding window is 64: it spans several chunks
+    monkeypatch.setattr(attention, "KEPT_MASKS_BYTES", attention.KEPT_MASKS_BYTES if kept else 0)
+    recomputed = []
+    monkeypatch.setattr(attention, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
     assert batch["input_ids"].shape[1] > 5 * attention.QUERY_CHUNK
-    reference = forward_backward(lora_model(tiny, "eager"), batch)
-    assert_same(forward_backward(lora_model(tiny, attention.register()), batch), reference)
+    reference, model = lora_model(tiny, "eager"), lora_model(tiny, attention.register())
+    for m in (reference, model):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same(forward_backward(model, batch), forward_backward(reference, batch))
+    assert bool(recomputed) != kept
 
 
 def test_tiled_mlp_equals_untiled(tiny, batch) -> None:

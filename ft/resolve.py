@@ -66,9 +66,11 @@ Device = Literal["cuda", "cpu"]
 UNSLOTH_STEP_TOKENS = 6144
 # auto's fewest optimizer steps for unsloth: it compiles its kernels before its first step, which comes minutes after
 # start on a fresh machine where ft's own path starts in well under a minute, and over a short run its faster steps
-# never win that time back (a 64-step epoch of varied rows: ft's path finished long before unsloth did). Measured in
-# docs/BENCHMARKS.md, "Training speed on users' data"; past this many steps unsloth's steps are the faster bet.
-UNSLOTH_MIN_STEPS = 100
+# never win that time back (a 64-step epoch of varied rows: ft's path finished long before unsloth did). The bound is
+# the break-even of a 2048-token row measured in one call (unsloth's later first step over its faster steps, rounded
+# down), which unsloth's recompiles for each new shape on varied rows only push further out: docs/BENCHMARKS.md,
+# "Training speed on users' data"; past this many steps unsloth's steps are the faster bet.
+UNSLOTH_MIN_STEPS = 800
 UNSLOTH_WAIT = ("unsloth compiles its kernels before the first step: minutes on a fresh machine, less once its "
                 "compile cache is warm (docs/BENCHMARKS.md#training-speed-on-users-data)")
 

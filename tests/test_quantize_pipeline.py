@@ -1,7 +1,8 @@
 """`ft quantize` end to end: the export folder, its manifest and Modelfile, resuming, and clear failures.
 
-A short training run (3 steps) is made once for the module and exported with the demo's export section; tests
-that change an export work on copies of that run (always named `run`, so file names and contents match).
+The demo's trained run (the session's, as `ft train` left it before exporting) is copied once for the module and
+exported with the demo's export section; tests that change an export work on copies of that run (always named
+`run`, so file names and contents match).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import yaml
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, LlamaFileType
 
-from conftest import ROOT, ft_command, ft_env, run_ft, run_ft_in_process
+from conftest import ROOT, ft_command, ft_env, run_ft_in_process
 from ft.errors import RecipeError
 from ft.recipe_io import load_recipe
 from ft.rundir import LOCK
@@ -75,15 +76,13 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-step training run (no held-out loss, export or eval), then given the demo's export section."""
+def trained(demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's run as its training left it, its recipe with the demo's export section: a copy without what its
+    export and evaluation wrote (gguf/, eval/, and the base model and drafter that ft quantize copies in), its
+    checkpoints and wandb files. Any trained run serves, and the session trains the demo anyway."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    result = run_ft("train", "recipes/demo.yaml", f"output.dir={run}", "train.max_steps=3", "train.warmup_steps=0",
-                    "train.eval_every=3", "train.save_every=3", "train.batch_size=2", "data.eval=null", "eval=null",
-                    "export=null", "logging.wandb=disabled")
-    assert result.returncode == 0, result.stderr
-    assert not (run / "gguf").exists()
-    set_export(run, **DEMO_EXPORT)
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("gguf", "eval", "base", "drafter-base", "checkpoints",
+                                                                 "wandb"))
     return run
 
 

@@ -1,14 +1,20 @@
 """Shared fixtures and helpers: the tiny model, its processor, the demo run, a fast copy of the demo recipe, and
-running the `ft` CLI in a fresh process."""
+running the `ft` CLI in a fresh process or, where a test is not about the process, in this one."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Mapping
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,8 @@ DEMO_SHELL_SLEEP = 10.0
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# As in `ft_env`: rich reads this when a module makes its console, and `run_ft_in_process` runs those modules here.
+os.environ.pop("FORCE_COLOR", None)
 
 Result = subprocess.CompletedProcess[str]
 
@@ -59,6 +67,68 @@ def run_ft(*args: str, cwd: Path = ROOT, env: Mapping[str, str | None] | None = 
     """Run the `ft` CLI in a fresh process, as a user would, `input` on its stdin (`after`: see `ft_command`)."""
     return subprocess.run(ft_command(*args, after=after), capture_output=True, text=True, env=ft_env(env), cwd=cwd,
                           timeout=timeout, input=input)
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[list[str]]:
+    """What this process writes to stdout and stderr while the block runs, Python's and the C libraries' (llama.cpp
+    writes to the file descriptors itself); once the block is done, the list holds the two texts (stdout, stderr)."""
+    captured: list[str] = []
+    python_streams = sys.stdout, sys.stderr
+    for stream in python_streams:
+        stream.flush()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
+        try:
+            yield captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.close()  # flushed; the descriptors stay open (closefd=False)
+            ctypes.CDLL(None).fflush(None)  # what C code left in its stdio buffers was written in the block
+            sys.stdout, sys.stderr = python_streams
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            for file in (out, err):
+                file.seek(0)
+                captured.append(file.read().decode(errors="replace"))
+
+
+def run_ft_in_process(*args: str, cwd: Path = ROOT) -> Result:
+    """`ft ARGS...` in this process, through the app that the console script runs (`ft.cli.main`), with what
+    `run_ft` returns: for a test about what a command does and prints, not about its process, without the
+    interpreter start and imports (seconds each time on 2 cores) of a fresh process. An exception ft lets through
+    is reported as the interpreter reports it: its traceback on stderr, status 1. What a command changes for the rest
+    of its process is put back afterwards: the environment and the root logger's level (`ft.quiet`), warning
+    filters, torch's random state (ft chat seeds it), the working folder, argv and the exception hook (typer's)."""
+    import torch
+
+    from ft.cli import app
+
+    environ, level, folder = dict(os.environ), logging.getLogger().level, os.getcwd()
+    argv, excepthook = sys.argv, sys.excepthook
+    status = 0
+    with captured_output() as output, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        os.chdir(cwd)
+        sys.argv = ["ft", *args]
+        try:
+            app(args=list(args), prog_name="ft", obj=time.time())  # obj: ft's start, as `ft.cli.main` passes it
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        except Exception:
+            traceback.print_exc()
+            status = 1
+        finally:
+            sys.argv, sys.excepthook = argv, excepthook
+            os.chdir(folder)
+            logging.getLogger().setLevel(level)
+            os.environ.clear()
+            os.environ.update(environ)
+    stdout, stderr = output
+    return subprocess.CompletedProcess(["ft", *args], status, stdout, stderr)
 
 
 def imported(result: Result) -> set[str]:

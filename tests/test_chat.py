@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from chat.engine import ChatModel, media_parts
-from conftest import DEMO_DATA, run_ft
+from conftest import DEMO_DATA, run_ft, run_ft_in_process
 
 IMAGE = DEMO_DATA / "images" / "heldout_0001.png"
 AUDIO = DEMO_DATA / "audio" / "heldout_0013.wav"
@@ -96,8 +96,8 @@ def test_prompt_with_image_and_audio_is_llamas_greedy_answer(demo_run: Path) -> 
     assert ours.tokens == expected
     assert ours.tokens, "no answer at all"
 
-    result = run_ft("chat", str(demo_run), "--quant", "Q8_0", "--prompt", QUESTION, "--image", str(IMAGE),
-                    "--audio", str(AUDIO), "--temperature", "0", "--max-tokens", str(TOKENS))
+    result = run_ft_in_process("chat", str(demo_run), "--quant", "Q8_0", "--prompt", QUESTION, "--image", str(IMAGE),
+                               "--audio", str(AUDIO), "--temperature", "0", "--max-tokens", str(TOKENS))
     assert result.returncode == 0, result.stderr
     assert result.stdout == ours.text + "\n"
 
@@ -132,14 +132,15 @@ def run_without_projector(demo_run: Path, tmp_path: Path) -> Path:
 
 
 def test_a_missing_quant_is_one_clear_error(demo_run: Path) -> None:
-    result = run_ft("chat", str(demo_run), "--quant", "IQ2_XXS", "--prompt", "hi")
+    result = run_ft_in_process("chat", str(demo_run), "--quant", "IQ2_XXS", "--prompt", "hi")
     assert result.returncode == 2
     assert f"no IQ2_XXS GGUF in {demo_run / 'gguf'}" in result.stderr and "Q8_0" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_an_image_without_a_projector_is_one_clear_error(run_without_projector: Path) -> None:
-    result = run_ft("chat", str(run_without_projector), "--quant", "Q8_0", "--prompt", "hi", "--image", str(IMAGE))
+    result = run_ft_in_process("chat", str(run_without_projector), "--quant", "Q8_0", "--prompt", "hi", "--image",
+                               str(IMAGE))
     assert result.returncode == 2
     assert "no projector" in result.stderr and "Traceback" not in result.stderr
 
@@ -147,7 +148,7 @@ def test_an_image_without_a_projector_is_one_clear_error(run_without_projector: 
 def test_an_unreadable_image_is_one_clear_error(demo_run: Path, tmp_path: Path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_text("not a picture")
-    result = run_ft("chat", str(demo_run), "--prompt", "hi", "--image", str(bad))
+    result = run_ft_in_process("chat", str(demo_run), "--prompt", "hi", "--image", str(bad))
     assert result.returncode == 2
     assert f"unreadable image {bad}" in result.stderr and "Traceback" not in result.stderr
 
@@ -167,7 +168,7 @@ def test_adapter_answers_through_transformers(demo_run: Path) -> None:
         out = model.generate(**ids, max_new_tokens=TOKENS, do_sample=False)
     expected = processor.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    result = run_ft("chat", str(demo_run), "--adapter", "--prompt", "What is 3 + 4?", "--temperature", "0",
-                    "--max-tokens", str(TOKENS))
+    result = run_ft_in_process("chat", str(demo_run), "--adapter", "--prompt", "What is 3 + 4?", "--temperature", "0",
+                               "--max-tokens", str(TOKENS))
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"

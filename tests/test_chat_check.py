@@ -66,7 +66,7 @@ def test_a_gguf_without_the_end_of_turn_token_fails_the_check(without_turn_end: 
 
 def test_the_check_refuses_the_export_and_says_so(demo_run: Path, without_turn_end: Path, tmp_path: Path) -> None:
     """Through `ft quantize`: an export whose Q8_0 has no end-of-turn token is one clear error, exit 2."""
-    from conftest import run_ft
+    from conftest import run_ft_in_process
     from quantize.manifest import sha256
 
     run = tmp_path / "run"
@@ -80,7 +80,7 @@ def test_the_check_refuses_the_export_and_says_so(demo_run: Path, without_turn_e
     entry = next(f for f in manifest["files"] if f["file"] == broken.name)
     entry["sha256"] = sha256(broken)  # as if the converter had written it so: the export keeps it
     (run / "gguf" / "manifest.json").write_text(json.dumps(manifest))
-    result = run_ft("quantize", str(run))
+    result = run_ft_in_process("quantize", str(run))
     assert result.returncode == 2, result.stderr
     assert f"{broken}: its vocabulary has no '<turn|>' token" in result.stderr.replace("\n", "")
     assert "Traceback" not in result.stderr

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
-from conftest import DEMO_DATA, ROOT, run_ft
+from conftest import DEMO_DATA, ROOT, run_ft_in_process
 from ft.data import load_rows
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def base_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     recipe["eval"].update(quants=["Q8_0"], speed=False)
     path = folder / "base.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = run_ft("eval", str(path))
+    result = run_ft_in_process("eval", str(path))
     assert result.returncode == 0, result.stderr
     return json.loads((folder / "run" / "eval" / "results.json").read_text())
 

@@ -24,7 +24,7 @@ from ft.data_checks import check_rows
 from ft.recipe import DataSection
 from ft.recipe_io import load_recipe
 from ft.tiny import tiny_processor
-from conftest import DEMO_DATA, ROOT, ft_command, ft_env, run_ft, write_recipe
+from conftest import DEMO_DATA, ROOT, ft_command, ft_env, run_ft, run_ft_in_process, write_recipe
 
 DEMO = ROOT / "recipes" / "demo.yaml"
 COMPARED = ("step", "epoch", "loss", "eval_loss", "grad_norm", "learning_rate")
@@ -237,7 +237,7 @@ def test_a_killed_rank_stops_the_run_and_resume_continues_it_exactly(demo_on_two
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
 
     # another number of processes cannot continue a checkpoint whose data position is counted per process
-    other = run_ft(*args, "train.devices=1", "--resume")
+    other = run_ft_in_process(*args, "train.devices=1", "--resume")  # one process: this one
     assert other.returncode == 2
     assert "written by a run of 2 processes and this one has 1" in other.stderr
     assert other.stderr.count("ft: error:") == 1

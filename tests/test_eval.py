@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, run_ft
+from conftest import ROOT, run_ft_in_process
 from scipy import stats
 from scipy.special import log_softmax
 
@@ -591,7 +591,7 @@ def test_ft_eval_rerun_reuses_export(demo_run: Path, results: dict[str, Any], tm
     ggufs = sorted((run / "gguf").glob("*.gguf"))
     before = {p: p.stat().st_mtime_ns for p in [*ggufs, *(run / "gguf" / "merged").iterdir()]}
     report_before = (run / "eval" / "report.md").stat().st_mtime_ns
-    result = run_ft("eval", str(run))
+    result = run_ft_in_process("eval", str(run))
     assert result.returncode == 0, result.stderr
     assert len(ggufs) == 8
     for path in ggufs:
@@ -620,40 +620,40 @@ def test_ft_eval_takes_overrides_and_reuses_up_to_date_results(demo_run: Path, t
     run = copy_run(demo_run, tmp_path)
     args = ["eval", str(run), "eval.quants=[Q8_0,Q2_K]", "eval.samples=0", "eval.heldout=false",
             "eval.speed=false", "eval.threads=1"]
-    first = run_ft(*args)
+    first = run_ft_in_process(*args)
     assert first.returncode == 0, first.stderr
     results_file = run / "eval" / "results.json"
     measured = json.loads(results_file.read_text())
     assert [q["type"] for q in measured["quants"]] == ["F32 (reference)", "Q8_0", "Q2_K"]
     assert measured["settings"]["quants"] == ["Q8_0", "Q2_K"] and not (run / "eval" / "accuracy.png").exists()
     stamp = results_file.stat().st_mtime_ns
-    again = run_ft(*args)
+    again = run_ft_in_process(*args)
     assert again.returncode == 0, again.stderr
     assert "up to date: " in again.stderr and "reference pass" not in again.stderr
     assert results_file.stat().st_mtime_ns == stamp
-    forced = run_ft(*args, "--remeasure")
+    forced = run_ft_in_process(*args, "--remeasure")
     assert forced.returncode == 0 and "reference pass" in forced.stderr, forced.stderr
     remeasured = json.loads(results_file.read_text())
     for old, new in zip(measured["quants"], remeasured["quants"], strict=True):
         assert_same_divergence(new, old)
-    other = run_ft(*args[:-1], "eval.threads=2")  # other settings: measured again
+    other = run_ft_in_process(*args[:-1], "eval.threads=2")  # other settings: measured again
     assert other.returncode == 0 and "reference pass" in other.stderr, other.stderr
 
 
 def test_ft_eval_and_quantize_refuse_overrides_of_the_trained_recipe(demo_run: Path) -> None:
     for command, allowed in (("eval", "eval.* and export.*"), ("quantize", "export.*")):
-        result = run_ft(command, str(demo_run), "train.lr=1e-4")
+        result = run_ft_in_process(command, str(demo_run), "train.lr=1e-4")
         assert result.returncode == 2, result.stderr
         assert f"override 'train.lr=1e-4': train.* was fixed when the run trained; only {allowed}" in result.stderr
-    malformed = run_ft("eval", str(demo_run), "bogus")
+    malformed = run_ft_in_process("eval", str(demo_run), "bogus")
     assert malformed.returncode == 2 and "override 'bogus': expected KEY.PATH=VALUE" in malformed.stderr
-    bad = run_ft("eval", str(demo_run), "eval.quantz=[Q8_0]")
+    bad = run_ft_in_process("eval", str(demo_run), "eval.quantz=[Q8_0]")
     assert bad.returncode == 2 and "override 'eval.quantz=[Q8_0]'" in bad.stderr and "quants" in bad.stderr
 
 
 def test_ft_quantize_takes_export_overrides(demo_run: Path, tmp_path: Path) -> None:
     run = copy_run(demo_run, tmp_path)
-    result = run_ft("quantize", str(run), "export.quants=[Q5_K_M]")
+    result = run_ft_in_process("quantize", str(run), "export.quants=[Q5_K_M]")
     assert result.returncode == 0, result.stderr
     assert f"writing {run.name}-Q5_K_M.gguf" in result.stderr
     manifest = Manifest(run / "gguf" / "manifest.json")

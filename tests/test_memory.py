@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, line_of, run_ft, write_recipe
+from conftest import ROOT, line_of, run_ft_in_process, write_recipe
 
 from bench.shapes import config_12b
 from ft.lora import apply_lora
@@ -133,18 +133,18 @@ def test_plan_refuses_a_recipe_over_budget(tmp_path: Path, config_dir_12b: Path)
                           data={"max_seq_length": 16384},
                           train={"backend": "unsloth", "memory_budget_gb": 15, "batch_size": 1,
                                  "gradient_checkpointing": True})
-    result = run_ft("plan", str(recipe))
+    result = run_ft_in_process("plan", str(recipe))
     assert result.returncode == 2, result.stderr
     line = line_of(recipe.read_text(), "memory_budget_gb")
     assert f"{recipe}:{line}: train.memory_budget_gb" in result.stderr
     assert "16.2 GiB" in result.stderr and "layer being recomputed (16384 tokens)" in result.stderr
     assert "train.backend=hf fits: ft's own path plans 14.6 GiB for this step" in result.stderr
-    fits = run_ft("plan", str(recipe), "data.max_seq_length=8192")
+    fits = run_ft_in_process("plan", str(recipe), "data.max_seq_length=8192")
     assert fits.returncode == 0 and "ok: fits 15 GiB" in fits.stderr, fits.stderr
 
 
 def test_flagship_recipe_fits_its_budget(config_dir_12b: Path) -> None:
-    result = run_ft("plan", str(ROOT / "recipes" / "gemma4-12b-qlora.yaml"), f"model.name={config_dir_12b}")
+    result = run_ft_in_process("plan", str(ROOT / "recipes" / "gemma4-12b-qlora.yaml"), f"model.name={config_dir_12b}")
     assert result.returncode == 0, result.stderr
     assert "hf backend, 4-bit base, a step of 1 x 16384 tokens" in result.stderr and "14.60 GiB" in result.stderr
     assert "16384 tokens, MLP tiled" in result.stderr
@@ -183,7 +183,7 @@ def test_plan_names_the_backend_it_estimates(tmp_path: Path, config_dir_12b: Pat
     recipe = write_recipe(tmp_path / "r.yaml", model={"name": str(config_dir_12b)}, data={"max_seq_length": 2048},
                           train={"gradient_checkpointing": True, "batch_size": 1})
     for setting, expected in (("auto", "unsloth backend"), ("hf", "hf backend")):
-        result = run_ft("plan", str(recipe), f"train.backend={setting}")
+        result = run_ft_in_process("plan", str(recipe), f"train.backend={setting}")
         assert result.returncode == 0, result.stderr
         assert f"{expected}, 4-bit base, a step of 1 x 2048 tokens" in result.stderr
 

@@ -1,7 +1,8 @@
 """`ft quantize` end to end: the export folder, its manifest and Modelfile, resuming, and clear failures.
 
-A short training run (3 steps) is made once for the module and exported with the demo's export section; tests
-that change an export work on copies of that run (always named `run`, so file names and contents match).
+The demo's trained run (the session's, as `ft train` left it before exporting) is copied once for the module and
+exported with the demo's export section; tests that change an export work on copies of that run (always named
+`run`, so file names and contents match).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import yaml
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, LlamaFileType
 
-from conftest import ROOT, ft_command, ft_env, run_ft
+from conftest import ROOT, ft_command, ft_env, run_ft_in_process
 from ft.errors import RecipeError
 from ft.recipe_io import load_recipe
 from ft.rundir import LOCK
@@ -75,22 +76,20 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-step training run (no held-out loss, export or eval), then given the demo's export section."""
+def trained(demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's run as its training left it, its recipe with the demo's export section: a copy without what its
+    export and evaluation wrote (gguf/, eval/, and the base model and drafter that ft quantize copies in), its
+    checkpoints and wandb files. Any trained run serves, and the session trains the demo anyway."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    result = run_ft("train", "recipes/demo.yaml", f"output.dir={run}", "train.max_steps=3", "train.warmup_steps=0",
-                    "train.eval_every=3", "train.save_every=3", "train.batch_size=2", "data.eval=null", "eval=null",
-                    "export=null", "logging.wandb=disabled")
-    assert result.returncode == 0, result.stderr
-    assert not (run / "gguf").exists()
-    set_export(run, **DEMO_EXPORT)
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("gguf", "eval", "base", "drafter-base", "checkpoints",
+                                                                 "wandb"))
     return run
 
 
 @pytest.fixture(scope="module")
 def exported(trained: Path) -> Path:
     """The export folder of `trained`, written by one uninterrupted `ft quantize`."""
-    result = run_ft("quantize", str(trained))
+    result = run_ft_in_process("quantize", str(trained))
     assert result.returncode == 0, result.stderr
     return trained / "gguf"
 
@@ -147,7 +146,7 @@ def test_rerun_skips_every_file_and_changes_nothing(exported: Path) -> None:
         return sorted(p for p in exported.rglob("*") if p.is_file() and p.name != LOCK)
 
     before = {p: (p.stat().st_mtime_ns, sha256(p)) for p in files()}
-    result = run_ft("quantize", str(exported.parent))
+    result = run_ft_in_process("quantize", str(exported.parent))
     assert result.returncode == 0, result.stderr
     for name in manifest(exported):
         assert f"up to date: {name}" in result.stderr, result.stderr
@@ -188,7 +187,7 @@ def test_killed_export_resumes_to_identical_files(trained: Path, exported: Path,
     done = set(manifest(folder))
     assert {"run-F32.gguf", "run-mmproj-F16.gguf", "run-drafter-F32.gguf"} <= done  # finished before the kill
     assert killed not in done
-    result = run_ft("quantize", str(run))
+    result = run_ft_in_process("quantize", str(run))
     assert result.returncode == 0, result.stderr
     for name in done:
         assert f"up to date: {name}" in result.stderr, result.stderr
@@ -204,7 +203,7 @@ def test_damaged_file_is_reported_and_made_again(exported: Path, tmp_path: Path)
     run = copy_run(exported.parent, tmp_path)
     damaged = run / "gguf" / "run-Q8_0.gguf"
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
-    result = run_ft("quantize", str(run))
+    result = run_ft_in_process("quantize", str(run))
     assert result.returncode == 0, result.stderr
     assert "run-Q8_0.gguf is damaged: its SHA-256 differs from manifest.json's" in result.stderr, result.stderr
     assert "writing run-Q8_0.gguf" in result.stderr and "up to date: run-Q6_K.gguf" in result.stderr, result.stderr
@@ -216,23 +215,23 @@ def test_foreign_export_dir_is_refused(exported: Path, tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep me")
     set_export(run, dir=str(tmp_path / "mine"))
-    assert_clean_failure(run_ft("quantize", str(run)), "export.dir", "not made by ft")
+    assert_clean_failure(run_ft_in_process("quantize", str(run)), "export.dir", "not made by ft")
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["precious.txt"]
 
 
 def test_not_a_run_fails_clearly(tmp_path: Path) -> None:
-    assert_clean_failure(run_ft("quantize", str(tmp_path)), str(tmp_path), "not a run directory")
+    assert_clean_failure(run_ft_in_process("quantize", str(tmp_path)), str(tmp_path), "not a run directory")
 
 
 def test_run_without_adapter_fails_clearly(trained: Path, tmp_path: Path) -> None:
     shutil.copy(trained / "recipe.yaml", tmp_path / "recipe.yaml")
-    assert_clean_failure(run_ft("quantize", str(tmp_path)), "no trained adapter", "ft train")
+    assert_clean_failure(run_ft_in_process("quantize", str(tmp_path)), "no trained adapter", "ft train")
 
 
 def test_unknown_quant_type_fails_clearly(exported: Path, tmp_path: Path) -> None:
     run = copy_run(exported.parent, tmp_path)
     set_export(run, quants=["Q4_K_M", "Q9_X"])
-    assert_clean_failure(run_ft("quantize", str(run)), "unknown quantization type", "Q9_X")
+    assert_clean_failure(run_ft_in_process("quantize", str(run)), "unknown quantization type", "Q9_X")
     assert not list((run / "gguf").glob("*Q9_X*"))
 
 
@@ -248,7 +247,7 @@ def test_unknown_quant_type_is_a_recipe_error() -> None:
 def test_iq2_xxs_makes_an_importance_matrix(exported: Path, tmp_path: Path) -> None:
     run = copy_run(exported.parent, tmp_path)
     set_export(run, quants=["IQ2_XXS"], calibration_rows=8)
-    result = run_ft("quantize", str(run))
+    result = run_ft_in_process("quantize", str(run))
     assert result.returncode == 0, result.stderr
     assert "up to date: run-F32.gguf" in result.stderr, result.stderr
     folder = run / "gguf"
@@ -265,6 +264,6 @@ def test_iq2_xxs_makes_an_importance_matrix(exported: Path, tmp_path: Path) -> N
 def test_iq2_xxs_without_importance_matrix_fails_clearly(exported: Path, tmp_path: Path) -> None:
     run = copy_run(exported.parent, tmp_path)
     set_export(run, quants=["IQ2_XXS"], imatrix="off")
-    assert_clean_failure(run_ft("quantize", str(run)), "IQ2_XXS need an importance matrix")
+    assert_clean_failure(run_ft_in_process("quantize", str(run)), "IQ2_XXS need an importance matrix")
     assert not (run / "gguf" / "run-IQ2_XXS.gguf").exists()
     assert not (run / "gguf" / "run-imatrix.gguf").exists()

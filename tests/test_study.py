@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO_DATA, run_ft
+from conftest import DEMO_DATA, run_ft, run_ft_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def study_recipe(folder: Path, **model: Any) -> Path:
 
 
 def ft_ok(*args: str) -> str:
-    result = run_ft(*args)
+    result = run_ft_in_process(*args)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     return result.stderr
@@ -112,18 +112,18 @@ def test_given_gguf_is_the_reference_unconverted(base_study: Path, given_study: 
 
 def test_study_refuses_training_and_a_mismatched_gguf(base_study: Path, tmp_path: Path) -> None:
     recipe = study_recipe(tmp_path / "t")
-    result = run_ft("train", str(recipe))
+    result = run_ft_in_process("train", str(recipe))
     line = recipe.read_text().splitlines().index("study: true") + 1
     assert result.returncode != 0 and f"{recipe}:{line}: study: a study trains nothing" in result.stderr
     text = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump({**text, "train": {"lr": 0.1}}))
-    result = run_ft("quantize", str(recipe))
+    result = run_ft_in_process("quantize", str(recipe))
     assert result.returncode != 0 and "remove the train section" in result.stderr
     given = base_study / "gguf" / "run-F32.gguf"
     recipe = study_recipe(tmp_path / "bf16", gguf=str(given))
     text = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump({**text, "export": {**text["export"], "reference": "BF16"}}))
-    result = run_ft("quantize", str(recipe))
+    result = run_ft_in_process("quantize", str(recipe))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"model.gguf: {given} is ALL_F32, but export.reference is BF16" in result.stderr
 
@@ -151,6 +151,7 @@ def test_compare_puts_the_results_side_by_side(base_study: Path, given_study: Pa
     report = (out / "report.md").read_text()
     for kind in ("F32 (reference)", "Q8_0"):
         assert f"| {folders[1]}: {kind} | {folders[0]}: {kind} | +0 [+0, +0] | 4 |" in report
+    # in a fresh process, as a user runs it: ft compare imports no torch, so that takes well under a second
     result = run_ft("compare", str(folders[0]), "--out", str(tmp_path / "one"))
     assert result.returncode != 0 and "two evaluation folders or more" in result.stderr
 

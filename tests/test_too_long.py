@@ -18,7 +18,7 @@ from ft.encode import IGNORE_INDEX, assistant_mask, encode_row, render, truncate
 from ft.errors import DataError
 from ft.recipe import DataSection
 from ft.recipe_io import load_recipe
-from conftest import DEMO_DATA, ROOT, run_ft, write_recipe
+from conftest import DEMO_DATA, ROOT, run_ft_in_process, write_recipe
 
 IMAGE = DEMO_DATA / "images" / "train_0007.png"
 
@@ -151,8 +151,9 @@ def test_ft_data_prints_the_summary_and_writes_the_png(tmp_path, processor, monk
 
     png = tmp_path / "lengths.png"
     heldout = DEMO_DATA / "heldout.jsonl"
-    result = run_ft("data", str(ROOT / "recipes" / "demo.yaml"), "--png", str(png), f"data.train={heldout}",
-                    "data.eval=null", env={"HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")})
+    # in this process, so its datasets cache is the test's own (`datasets_cache`)
+    result = run_ft_in_process("data", str(ROOT / "recipes" / "demo.yaml"), "--png", str(png),
+                               f"data.train={heldout}", "data.eval=null")
     assert result.returncode == 0, result.stderr
     rows = load_rows(heldout)
     monkeypatch.setattr(processor.image_processor, "max_soft_tokens", 70)  # the demo's data.image_soft_tokens

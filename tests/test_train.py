@@ -96,6 +96,7 @@ def test_killed_run_resumes_to_the_same_result(demo_run, tmp_path):
     result = run_ft("train", str(DEMO), f"output.dir={run}", "logging.wandb=disabled", *stages, "--resume")
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stderr
+    assert not (run / "gguf").exists() and not (run / "eval").exists()  # export=null, eval=null: training alone
     # Every logged step once, with the losses, gradient norms and learning rates of the uninterrupted run.
     compared = ("step", "epoch", "loss", "eval_loss", "grad_norm", "learning_rate")
     resumed_log, uninterrupted_log = ([{k: r[k] for k in compared if k in r} for r in read_metrics(path)]

@@ -110,18 +110,18 @@ def train(
             if summary is None:  # a rank other than 0: its share is done
                 return
             err.print_json(json.dumps(summary))
-            if loaded.export is not None:
-                from quantize.pipeline import export_run  # the first stage that loads llama.cpp
+            if loaded.export is None and loaded.eval is None:
+                return
+            from chat.check import check_export  # the stages after training load llama.cpp
 
-                from chat.check import check_export
+            if loaded.export is not None:
+                from quantize.pipeline import export_run
 
                 check_export(export_run(loaded.output.dir))
             if loaded.eval is not None:
                 from eval.pipeline import evaluate_run
 
                 evaluate_run(loaded.output.dir)
-                from chat.check import check_export
-
                 check_export(loaded.export_dir())  # the quants eval exported too (the others are reused)
     except FtError as exc:
         _fail(exc)

@@ -58,6 +58,16 @@ def use_sdpa(model: torch.nn.Module, on: bool) -> None:
 
 
 _SWAPPED: dict[str, dict[torch.nn.Module, Any]] = {}  # per switch: each module's forward before it
+_SAVED: dict[str, Any] = {}  # per switch: the value `_set` replaced
+
+
+def _set(switch: str, on: bool, owner: Any, name: str, value: Any) -> None:
+    """Switch on: `owner.name` becomes `value`; off: its value before."""
+    if on:
+        _SAVED[switch] = getattr(owner, name)
+        setattr(owner, name, value)
+    else:
+        setattr(owner, name, _SAVED.pop(switch))
 
 
 def _swap(model: torch.nn.Module, switch: str, on: bool, select: Any, forward: Any | None) -> None:
@@ -112,11 +122,7 @@ def bnb_dequant(model: torch.nn.Module, on: bool) -> None:
     call of the same kernels."""
     from ft import nf4
 
-    if on:
-        _SWAPPED["bnb-dequant"] = {model: nf4._direct}
-        nf4._direct = lambda *_: False
-    else:
-        nf4._direct = _SWAPPED.pop("bnb-dequant")[model]
+    _set("bnb-dequant", on, nf4, "_direct", lambda *_: False)
 
 
 def empty_cache(model: torch.nn.Module, on: bool) -> None:
@@ -125,11 +131,7 @@ def empty_cache(model: torch.nn.Module, on: bool) -> None:
 
     from ft.train import OffloadKeepingAllocatorCache
 
-    if on:
-        _SWAPPED["empty-cache"] = {model: OffloadKeepingAllocatorCache.__enter__}
-        OffloadKeepingAllocatorCache.__enter__ = OffloadActivations.__enter__
-    else:
-        OffloadKeepingAllocatorCache.__enter__ = _SWAPPED.pop("empty-cache")[model]
+    _set("empty-cache", on, OffloadKeepingAllocatorCache, "__enter__", OffloadActivations.__enter__)
 
 
 def chunk_checkpoint(model: torch.nn.Module, on: bool) -> None:
@@ -137,11 +139,7 @@ def chunk_checkpoint(model: torch.nn.Module, on: bool) -> None:
     `ft.attention.KEPT_MASKS_BYTES`)."""
     from ft import attention
 
-    if on:
-        _SWAPPED["chunk-checkpoint"] = {model: attention.KEPT_MASKS_BYTES}
-        attention.KEPT_MASKS_BYTES = 0
-    else:
-        attention.KEPT_MASKS_BYTES = _SWAPPED.pop("chunk-checkpoint")[model]
+    _set("chunk-checkpoint", on, attention, "KEPT_MASKS_BYTES", 0)
 
 
 def no_gc(model: torch.nn.Module, on: bool) -> None:

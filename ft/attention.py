@@ -139,9 +139,10 @@ def chunked_attention(
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
 
-        # A masked kernel keeps its mask, widened to every head, for the backward pass: on long rows (many chunks,
-        # KEPT_MASKS_BYTES) each chunk is recomputed there instead, so that one chunk's mask exists at a time; short
-        # rows keep theirs and save the recomputation's host time (docs/BENCHMARKS.md, "Training speed on users' data")
+        # A masked kernel keeps its mask for the backward pass, possibly widened to every head (the measured peaks
+        # show less, so this counts the widened size as an upper bound): on long rows (many chunks, KEPT_MASKS_BYTES)
+        # each chunk is recomputed there instead, so that one chunk's mask exists at a time; short rows keep theirs
+        # and save the recomputation's host time (docs/BENCHMARKS.md, "Training speed on users' data")
         widened = sum(heads * c.allowed[:, 0].numel() for c in attention_mask.chunks)
         recompute = torch.is_grad_enabled() and widened * query.element_size() > KEPT_MASKS_BYTES
         run = functools.partial(checkpoint, attend, use_reentrant=False) if recompute else attend

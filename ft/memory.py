@@ -152,8 +152,9 @@ def estimate(counts: ParamCounts, tokens: int, backend: Backend, quantized: bool
     if backend == "hf":
         residual, mlp = HF_RESIDUAL_BYTES * counts.hidden, HF_MLP_BYTES * counts.intermediate
         working = tokens * residual + min(tokens, TILE if tiled_mlp else tokens) * mlp
-        # the attention masks of the recomputed layer's chunks, kept for its backward while they are small (bf16,
-        # widened to every head, each query seeing at most two chunks of keys: ft.attention)
+        # the attention masks of the recomputed layer's chunks, kept for its backward while they are small (counted
+        # as if bf16 and widened to every head, each query seeing at most two chunks of keys: an upper bound,
+        # ft.attention)
         working += min(KEPT_MASKS_BYTES, tokens * min(tokens, 2 * QUERY_CHUNK) * counts.heads * 2)
         logits = tokens * counts.hidden * 6  # the fused head's fp32 gradient and bf16 copy of the labelled states
         slack = HF_SLACK_GIB

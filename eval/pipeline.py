@@ -185,10 +185,10 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, default=str).encode()).hexdigest()
 
 
-def evaluate_run(target: Path, overrides: Sequence[str] = (), remeasure: bool = False) -> Path:
-    """Measure every quant of a run against its reference GGUF and write the report; returns the report folder.
-    `overrides` may change `eval.*` and `export.*`; results measured from the same files and settings are reused
-    unless `remeasure`."""
+def evaluate_run(target: Path, overrides: Sequence[str] = (), remeasure: bool = False) -> tuple[Path, Path]:
+    """Measure every quant of a run against its reference GGUF and write the report; returns the report folder and
+    the export folder the quants are in. `overrides` may change `eval.*` and `export.*`; results measured from the
+    same files and settings are reused unless `remeasure`."""
     from quantize.pipeline import resolve_run
 
     run, recipe = resolve_run(target, overrides, sections=("eval", "export"))
@@ -197,7 +197,7 @@ def evaluate_run(target: Path, overrides: Sequence[str] = (), remeasure: bool = 
         held.enter_context(lock(run))
         with recipe.blame("output.dir"):
             held.enter_context(claim(recipe.eval_dir(run), "eval"))
-        return write_evaluation(run, recipe, recipe.eval_dir(run), remeasure)
+        return write_evaluation(run, recipe, recipe.eval_dir(run), remeasure), recipe.export_dir(run)
 
 
 def evaluation_inputs(recipe: Recipe, file_shas: list[str]) -> str:

@@ -121,8 +121,7 @@ def train(
             if loaded.eval is not None:
                 from eval.pipeline import evaluate_run
 
-                evaluate_run(loaded.output.dir)
-                check_export(loaded.export_dir())  # the quants eval exported too (the others are reused)
+                check_export(evaluate_run(loaded.output.dir)[1])  # the quants eval exported too
     except FtError as exc:
         _fail(exc)
 
@@ -180,12 +179,10 @@ def evaluate(
     """Measure each quant against the reference GGUF (KLD, top-1, accuracy) and decode speed with MTP on/off."""
     from chat.check import check_export
     from eval.pipeline import evaluate_run
-    from quantize.pipeline import resolve_run
 
     try:
-        folder = evaluate_run(target, overrides or [], remeasure)
-        run, recipe = resolve_run(target, overrides or [], ("eval", "export"))
-        check_export(recipe.export_dir(run))  # quants eval exported: checked as ft quantize checks its own
+        folder, exported = evaluate_run(target, overrides or [], remeasure)
+        check_export(exported)  # quants eval exported: checked as ft quantize checks its own
     except FtError as exc:
         _fail(exc)
     err.print(f"[green]ok[/]: {folder / 'report.md'}")

@@ -609,7 +609,7 @@ def test_ft_eval_rerun_reuses_export(demo_run: Path, results: dict[str, Any], tm
 
 def test_eval_without_prompts_still_reports(demo_run: Path, tmp_path: Path) -> None:
     run = copy_run(demo_run, tmp_path, samples=0, heldout=False, quants=["Q8_0"], threads=1)
-    results = json.loads((evaluate_run(run) / "results.json").read_text())
+    results = json.loads((evaluate_run(run)[0] / "results.json").read_text())
     assert [q["type"] for q in results["quants"]] == ["F32 (reference)", "Q8_0"]
     assert all("divergence" in q and "error" not in q for q in results["quants"])
 

@@ -11,6 +11,8 @@ GPU is idle most of its wall time is bound by the host (Python, kernel launches,
     python -m bench.profile_step --work /tmp/t12 --tokens 2048 --out $OUT/profile.json --switches sdpa no-liger
     python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --switches before-fusing default \
         --switch-steps 4                                    # ft's fused projections and norm against peft + Liger
+    python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --warmup 5 --profiled 0 \
+        --switches bnb-dequant default --switch-steps 3                                # an A/B on unprofiled steps
     python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label no-offload \
         --set train.offload_activations=off                                                # a variant beside it
     python -m bench.profile_step --work /tmp/t12 --out $OUT/profile.json --label compiled \
@@ -199,7 +201,7 @@ class StepProfiler(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         self._switch(state.global_step + 1)
-        if state.global_step + 1 == self.start:
+        if self.count and state.global_step + 1 == self.start:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -314,17 +316,19 @@ def summarize_python(prof: cProfile.Profile, steps: int, n: int = 40) -> list[di
 
 
 def table(result: dict[str, Any]) -> str:
-    p, lines = result["profile"], []
-    lines.append(f"{result['tokens']} tokens, {result['backend']} backend, profiled {p['profiled_steps']} steps")
-    lines.append(f"wall {p['wall_s']:.3f} s a step; GPU busy {p['gpu_busy_s']:.3f} s; {p['gpu_kernels']} kernels, "
-                 f"{p['kernel_launches']} launches, {p['host_syncs']} host syncs ({p['host_sync_s']:.3f} s)")
+    p, lines = result["profile"], [f"{result['tokens']} tokens, {result['backend']} backend"]
+    if p:
+        lines.append(f"profiled {p['profiled_steps']} steps: wall {p['wall_s']:.3f} s a step; GPU busy "
+                     f"{p['gpu_busy_s']:.3f} s; {p['gpu_kernels']} kernels, {p['kernel_launches']} launches, "
+                     f"{p['host_syncs']} host syncs ({p['host_sync_s']:.3f} s)")
     for step in result["steps"]:
         lines.append("step {step} ({variant}): {seconds:.3f} s = decoder forward {decoder_forward:.3f} + head, loss and backward "
                      "{head_loss_backward:.3f} + clip/optimizer "
                      "{clip_and_optimizer:.3f} + after {after_optimizer:.3f} (before forward {before_forward:.3f})"
                      .format(**step))
-    lines += [f"  GPU {kind:28} {s:8.4f} s" for kind, s in p["gpu_seconds_by_kind"].items()]
-    lines += [f"  host {r['name'][:60]:60} {r['self_cpu_s']:7.4f} s x{r['calls']}" for r in p["top_host_ops"][:12]]
+    lines += [f"  GPU {kind:28} {s:8.4f} s" for kind, s in p.get("gpu_seconds_by_kind", {}).items()]
+    lines += [f"  host {r['name'][:60]:60} {r['self_cpu_s']:7.4f} s x{r['calls']}"
+              for r in p.get("top_host_ops", [])[:12]]
     lines += [f"  python {r['function'][:58]:58} own {r['own_s']:7.4f} s, with callees {r['cumulative_s']:7.4f} s "
               f"x{r['calls']}" for r in result.get("python_profile", [])[:20]]
     return "\n".join(lines)
@@ -345,7 +349,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--path", default="ft-hf", help="a bench.train_12b ft path (the backend it forces)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones")
-    parser.add_argument("--profiled", type=int, default=2, help="steps profiled")
+    parser.add_argument("--profiled", type=int, default=2,
+                        help="steps profiled (0: none, so the switches follow the warm-up on unprofiled steps)")
     parser.add_argument("--python-profiled", type=int, default=0,
                         help="steps under Python's profiler after the PyTorch-profiled ones")
     parser.add_argument("--switches", nargs="*", default=[], choices=list(SWITCHES),
